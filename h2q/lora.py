@@ -1,0 +1,455 @@
+"""LoRA adapters of our own: one adapter, a stacked bank of many, their files, and the arithmetic that
+evolution breeds them with.
+
+Low-rank adaptation (Hu et al. 2021, "LoRA"): a frozen linear W gets a trainable update
+`y = W x + s * B A x` with A (r, in), B (out, r) and s = alpha / r, or alpha / sqrt(r) with rsLoRA
+(Kalajdzievski 2023). A is Kaiming-uniform and B zero, as in loralib / litgpt's LoRALinear, so a fresh
+adapter changes nothing. Adapters never touch the model's modules: they plug into `Transformer.forward`
+through the adapter protocol `adapters(key, x, y) -> y + delta` (h2q/model.py), and never read
+`module.weight` there, so they work unchanged over a quantized base (h2q/quant.py).
+
+* `LoraAdapter`: one adapter, an nn.Module whose `parameters()` are exactly its A and B tensors.
+  `merge(model)` / `unmerge()` fold it into a float base for zero-overhead inference; explicit,
+  idempotent and tracked, never a side effect of train()/eval() (unlike loralib).
+* `AdapterBank`: N adapters stacked per target, A (N, r, in) and B (N, out, r). `bank.bind(index)`
+  is the `adapters` callable for a batch whose row b uses adapter index[b] (-1: base only), computed
+  in one pass as gathers and batched matmuls, the idea of Punica / S-LoRA's BGMV kernel. One
+  optimizer over the bank trains all N adapters in one backward; rows only reach their own adapter.
+* Files in PEFT's layout: `adapter_model.safetensors` (keys `layers.0.attn.q_proj.lora_A` / `.lora_B`)
+  and `adapter_config.json` (r, lora_alpha, target_modules, lora_dropout, use_rslora, plus
+  base_fingerprint and base_model_config, checked on load).
+* Arithmetic, every result a new adapter sharing no storage with its inputs: `linear_combination`,
+  `average_factors`, `add`, `difference` (task vectors, Ilharco et al. 2023) act on A and B separately;
+  `merge_product_space` merges the actual updates s*B@A exactly and re-factorises to rank r;
+  `mutate` (Gaussian, relative to each tensor's RMS) and `crossover` (whole layers from either parent).
+
+Averaging factors is not averaging updates: mean(B) @ mean(A) adds cross terms B_i A_j, so two adapters
+trained apart average to something neither learned. Evolution therefore merges parents with
+`merge_product_space` by default: it is exact up to the rank cut and cheap here (QR of the stacked
+factors, then an SVD of a small (k r, k r) core, never of a full (out, in) matrix). `average_factors` is
+the fast approximation for close relatives (a child and its recent ancestors share A almost exactly).
+"""
+from __future__ import annotations
+
+import json
+import math
+import weakref
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from h2q.checkpoint import atomic_write_json, fingerprint, read_tensors, save_tensors
+from h2q.cli import UserError
+from h2q.config import ModelConfig
+from h2q.model import Transformer
+
+FORMAT = "h2q-lora-v1"
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+# target name -> (block part, input width, output width) as ModelConfig field names
+LINEARS = {
+    "q_proj": ("attn", "d_model", "d_model"), "k_proj": ("attn", "d_model", "d_model"),
+    "v_proj": ("attn", "d_model", "d_model"), "o_proj": ("attn", "d_model", "d_model"),
+    "gate_proj": ("mlp", "d_model", "mlp_hidden"), "up_proj": ("mlp", "d_model", "mlp_hidden"),
+    "down_proj": ("mlp", "mlp_hidden", "d_model"),
+}
+# mutation noise scale for a tensor that is all zero and has no nonzero partner to borrow a scale from
+MUTATION_FLOOR = 1e-3
+
+
+def _flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _flag(8, "LoRA rank")
+    alpha: float = _flag(16.0, "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --rslora)")
+    dropout: float = _flag(0.0, "dropout on the adapter's input while training")
+    targets: str = _flag(",".join(LINEARS), "comma-separated linear names to adapt")
+    rslora: bool = _flag(False, "rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023)")
+
+    def __post_init__(self):
+        names = self.targets.split(",") if isinstance(self.targets, str) else list(self.targets)
+        names = [n.strip() for n in names if n.strip()]
+        unknown = sorted(set(names) - set(LINEARS))
+        if unknown or not names:
+            raise UserError(f"LoRA targets {unknown or 'none'} are not linears of this model; choose from {','.join(LINEARS)}")
+        object.__setattr__(self, "targets", ",".join(n for n in LINEARS if n in names))  # model order
+        if self.r < 1:
+            raise UserError(f"LoRA rank must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise UserError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(self.targets.split(","))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+def target_shapes(cfg: ModelConfig, targets) -> dict[str, tuple[int, int]]:
+    """Module key -> (in_features, out_features) for every targeted linear, in model order. Taken from
+    the config, not from the modules, so quantized modules need no particular attributes."""
+    shapes = {}
+    for layer in range(cfg.n_layer):
+        for name, (part, fan_in, fan_out) in LINEARS.items():
+            if name in targets:
+                shapes[f"layers.{layer}.{part}.{name}"] = (getattr(cfg, fan_in), getattr(cfg, fan_out))
+    return shapes
+
+
+class _LoraFactors(nn.Module):
+    """Storage shared by one adapter (lead=()) and a bank (lead=(N,)): per target key, A (*lead, r, in)
+    and B (*lead, out, r) in two ParameterLists, so `parameters()` is exactly the adapter tensors."""
+
+    def __init__(self, base: Transformer | ModelConfig, config: LoraConfig, lead: tuple[int, ...],
+                 generator: torch.Generator | None, init: bool):
+        super().__init__()
+        self.config = config
+        self.base_config = base if isinstance(base, ModelConfig) else base.config
+        self.shapes = target_shapes(self.base_config, config.target_names)
+        if isinstance(base, Transformer):
+            missing = sorted(set(self.shapes) - dict(base.named_modules()).keys())
+            assert not missing, f"model lacks the linears {missing[:3]}"
+        self.slot = {key: i for i, key in enumerate(self.shapes)}
+        r = config.r
+        A = [torch.zeros(*lead, r, fan_in) for fan_in, _ in self.shapes.values()]
+        B = [torch.zeros(*lead, fan_out, r) for _, fan_out in self.shapes.values()]
+        if init:
+            for a in A:
+                for one in a.view(-1, r, a.shape[-1]):  # (r, in) per adapter: fan_in must be `in`
+                    nn.init.kaiming_uniform_(one, a=math.sqrt(5), generator=generator)
+        device = base.embed.weight.device if isinstance(base, Transformer) else None
+        self.lora_A = nn.ParameterList(nn.Parameter(a.to(device)) for a in A)
+        self.lora_B = nn.ParameterList(nn.Parameter(b.to(device)) for b in B)
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    def _dropout(self, x):
+        return F.dropout(x, self.config.dropout, self.training) if self.config.dropout else x
+
+
+class LoraAdapter(_LoraFactors):
+    """One adapter; `model(ids, adapters=adapter)` runs the base with it. `base` is the model (the
+    adapter is put on its device and checked against its modules) or just its ModelConfig. init=False
+    leaves A zero too, for tensors about to be filled in (loading, arithmetic)."""
+
+    def __init__(self, base: Transformer | ModelConfig, config: LoraConfig = LoraConfig(),
+                 generator: torch.Generator | None = None, init: bool = True):
+        super().__init__(base, config, (), generator, init)
+        self._merged_into = None  # weakref to the model this adapter is folded into
+
+    def forward(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        i = self.slot.get(key)
+        if i is None or self._merged_into is not None:  # merged: W already holds the update
+            return y
+        h = F.linear(self._dropout(x), self.lora_A[i].to(x.dtype)) * self.scaling  # (..., r)
+        return y + F.linear(h, self.lora_B[i].to(x.dtype))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under their file keys, e.g. 'layers.0.attn.q_proj.lora_A'."""
+        out = {}
+        for key, i in self.slot.items():
+            out[f"{key}.lora_A"], out[f"{key}.lora_B"] = self.lora_A[i], self.lora_B[i]
+        return out
+
+    def delta(self, key: str) -> torch.Tensor:
+        """The update this adapter adds to linear `key`'s weight: s * B @ A, (out, in), fp32."""
+        i = self.slot[key]
+        return self.scaling * (self.lora_B[i].float() @ self.lora_A[i].float())
+
+    def clone(self) -> "LoraAdapter":
+        child = LoraAdapter(self.base_config, self.config, init=False).to(self.lora_A[0].device)
+        with torch.no_grad():
+            for mine, theirs in zip(child.parameters(), self.parameters()):
+                mine.copy_(theirs)
+        return child
+
+    # -- merge --------------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return self._merged_into is not None
+
+    def merge(self, model: Transformer) -> None:
+        """Add s*B@A into `model`'s float weights; merging again is a no-op. While merged, calling the
+        adapter adds nothing (the weights hold it), and its tensors must not be changed."""
+        if self._merged_into is not None:
+            if self._merged_into() is not model:
+                raise ValueError("adapter is merged into another model; unmerge it first")
+            return
+        weights = self._float_weights(model)
+        with torch.no_grad():
+            for key, w in weights.items():
+                w.add_(self.delta(key).to(w.device, w.dtype))
+        self._merged_into = weakref.ref(model)
+
+    def unmerge(self) -> None:
+        """Subtract the update again (equal to the original weights up to float rounding); a no-op
+        when not merged."""
+        model = self._merged_into() if self._merged_into is not None else None
+        if model is not None:
+            with torch.no_grad():
+                for key, w in self._float_weights(model).items():
+                    w.sub_(self.delta(key).to(w.device, w.dtype))
+        self._merged_into = None
+
+    def _float_weights(self, model: Transformer) -> dict[str, torch.Tensor]:
+        modules = dict(model.named_modules())
+        weights = {}
+        for key in self.slot:  # check every module before changing any
+            module = modules.get(key)
+            if not isinstance(module, nn.Linear) or not module.weight.is_floating_point():
+                raise UserError(f"cannot merge a LoRA adapter into {key} ({type(module).__name__}): it has no "
+                                f"float weight (a quantized base?); run the adapter unmerged via "
+                                f"model(ids, adapters=adapter), or merge into the float base")
+            weights[key] = module.weight
+        return weights
+
+    # -- files --------------------------------------------------------------------------------------
+    def save(self, out_dir: str | Path, base_model: Transformer) -> Path:
+        """Write adapter_model.safetensors and adapter_config.json into `out_dir` (atomically each)."""
+        if self.merged:
+            raise ValueError("unmerge the adapter before saving it (the base weights hold it now)")
+        out_dir = Path(out_dir)
+        base_fp = fingerprint(base_model)
+        save_tensors(out_dir / ADAPTER_FILE, self.tensors(), {"format": FORMAT, "base_fingerprint": base_fp})
+        atomic_write_json(out_dir / CONFIG_FILE, {
+            "format": FORMAT, "peft_type": "LORA", "r": self.config.r, "lora_alpha": self.config.alpha,
+            "target_modules": list(self.config.target_names), "lora_dropout": self.config.dropout,
+            "use_rslora": self.config.rslora, "base_fingerprint": base_fp,
+            "base_model_config": self.base_config.to_dict()})
+        return out_dir
+
+
+def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
+                 check_fingerprint: bool = True) -> LoraAdapter:
+    """Read an adapter saved by `LoraAdapter.save` for `base_model` (put on `device`, default the
+    model's). A base of another shape always fails; another fingerprint fails unless
+    check_fingerprint=False (e.g. fine-tuning on a copy whose weights were changed on purpose)."""
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise UserError(f"no LoRA adapter in {adapter_dir} (missing {CONFIG_FILE}); train one with --lora-rank")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+        config = LoraConfig(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta["lora_dropout"]),
+                            targets=",".join(meta["target_modules"]), rslora=bool(meta["use_rslora"]))
+        base_config = ModelConfig.from_dict(meta["base_model_config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{config_path} is not a valid h2q adapter config ({e}); re-save the adapter") from None
+    if base_config != base_model.config:
+        diff = ", ".join(f"{k} {v} vs {getattr(base_model.config, k)}" for k, v in base_config.to_dict().items()
+                         if getattr(base_model.config, k) != v)
+        raise UserError(f"adapter {adapter_dir} was made for another base shape ({diff}); load it onto its own base")
+    if check_fingerprint and meta.get("base_fingerprint") != fingerprint(base_model):
+        raise UserError(f"adapter {adapter_dir} was trained on base {meta.get('base_fingerprint')}, not this base "
+                        f"{fingerprint(base_model)}; use its own base (or check_fingerprint=False on purpose)")
+    tensors, _ = read_tensors(adapter_dir / ADAPTER_FILE, "adapter weights")
+    adapter = LoraAdapter(base_model.config, config, init=False)
+    expected = adapter.tensors()
+    if tensors.keys() != expected.keys():
+        raise UserError(f"{adapter_dir / ADAPTER_FILE} does not match its config "
+                        f"(missing {sorted(expected.keys() - tensors.keys())[:3]}, "
+                        f"unexpected {sorted(tensors.keys() - expected.keys())[:3]}); re-save the adapter")
+    with torch.no_grad():
+        for k, t in expected.items():
+            if tensors[k].shape != t.shape:
+                raise UserError(f"{adapter_dir / ADAPTER_FILE}: {k} has shape {tuple(tensors[k].shape)}, "
+                                f"its config needs {tuple(t.shape)}; re-save the adapter")
+            t.copy_(tensors[k])
+    return adapter.to(device if device is not None else base_model.embed.weight.device)
+
+
+def freeze_base(model: Transformer) -> Transformer:
+    """Stop gradients into every base weight, so a backward only reaches adapter tensors."""
+    return model.requires_grad_(False)
+
+
+def count_bytes(adapter: nn.Module) -> int:
+    """Bytes of an adapter's (or a bank's) tensors."""
+    return sum(p.numel() * p.element_size() for p in adapter.parameters())
+
+
+class AdapterBank(_LoraFactors):
+    """N adapters stacked per target: lora_A[j] is (N, r, in), lora_B[j] is (N, out, r) for key j."""
+
+    def __init__(self, base: Transformer | ModelConfig, config: LoraConfig, n: int,
+                 generator: torch.Generator | None = None, init: bool = True):
+        if n < 1:
+            raise ValueError(f"a bank holds at least one adapter, got n={n}")
+        super().__init__(base, config, (n,), generator, init)
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    @classmethod
+    def from_adapters(cls, adapters: list[LoraAdapter]) -> "AdapterBank":
+        _check_compatible(adapters)
+        bank = cls(adapters[0].base_config, adapters[0].config, len(adapters), init=False)
+        bank = bank.to(adapters[0].lora_A[0].device)
+        with torch.no_grad():
+            for i, adapter in enumerate(adapters):
+                bank.set_adapter(i, adapter)
+        return bank
+
+    def adapter(self, i: int) -> LoraAdapter:
+        """A copy of slot i as a single adapter."""
+        one = LoraAdapter(self.base_config, self.config, init=False).to(self.lora_A[0].device)
+        with torch.no_grad():
+            for mine, stacked in zip(one.parameters(), self.parameters()):
+                mine.copy_(stacked[i])
+        return one
+
+    def set_adapter(self, i: int, adapter: LoraAdapter) -> None:
+        """Write a single adapter's tensors into slot i (in place; the bank's optimizer state for that
+        slot is the caller's to reset)."""
+        _check_compatible([self, adapter])
+        with torch.no_grad():
+            for stacked, theirs in zip(self.parameters(), adapter.parameters()):
+                stacked[i].copy_(theirs)
+
+    def bind(self, index) -> "BoundBank":
+        """The `adapters` callable for a batch: row b uses slot index[b], -1 = the base alone."""
+        return BoundBank(self, index)
+
+
+class BoundBank:
+    """Batched multi-adapter LoRA (BGMV-style): per linear, gather each row's A and B, then two bmm's,
+    x (B, T, in) @ A^T (B, in, r) @ B^T (B, r, out), added onto y in the same call (baddbmm). No
+    per-row weight delta is formed. Rows with index -1 gather slot 0 and are scaled by exactly 0, so
+    they add nothing and send no gradient to slot 0."""
+
+    def __init__(self, bank: AdapterBank, index):
+        index = torch.as_tensor(index, dtype=torch.long, device=bank.lora_A[0].device)
+        if index.dim() != 1 or (index.numel() and not -1 <= int(index.min()) <= int(index.max()) < bank.n):
+            raise ValueError(f"index must be a 1-D list of slots in [-1, {bank.n}), got {index.tolist()}")
+        self.bank = bank
+        self.rows = index.clamp(min=0)
+        self.row_scale = ((index >= 0).float() * bank.scaling).view(-1, 1, 1)  # (B, 1, 1)
+
+    def __call__(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        j = self.bank.slot.get(key)
+        if j is None:
+            return y
+        assert x.shape[0] == self.rows.shape[0], f"batch of {x.shape[0]} rows bound to {self.rows.shape[0]} slots"
+        A = self.bank.lora_A[j].index_select(0, self.rows).to(x.dtype)  # (B, r, in)
+        B = self.bank.lora_B[j].index_select(0, self.rows).to(x.dtype)  # (B, out, r)
+        h = torch.bmm(self.bank._dropout(x), A.transpose(1, 2)) * self.row_scale.to(x.dtype)  # (B, T, r)
+        return torch.baddbmm(y, h, B.transpose(1, 2))  # (B, T, out)
+
+
+# -- arithmetic for evolution ------------------------------------------------------------------------
+def _check_compatible(adapters: list[_LoraFactors], same_rank: bool = True) -> None:
+    if not adapters:
+        raise ValueError("need at least one adapter")
+    first = adapters[0]
+    for other in adapters[1:]:
+        if other.base_config != first.base_config or other.config.targets != first.config.targets:
+            raise UserError("adapters belong to different bases or target different linears; combine only siblings")
+        if same_rank and (other.config.r, other.scaling) != (first.config.r, first.scaling):
+            raise UserError(f"adapters differ in rank/scaling (r={first.config.r} vs r={other.config.r}); "
+                            f"combine them with merge_product_space")
+
+
+def linear_combination(adapters: list[LoraAdapter], coefficients: list[float]) -> LoraAdapter:
+    """Factor-wise sum: A = sum c_i A_i, B = sum c_i B_i (config and dropout of the first)."""
+    _check_compatible(adapters)
+    if len(coefficients) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(coefficients)} coefficients")
+    out = adapters[0].clone()
+    with torch.no_grad():
+        for params in zip(out.parameters(), *(a.parameters() for a in adapters)):
+            params[0].copy_(sum(c * p for c, p in zip(coefficients, params[1:])))
+    return out
+
+
+def _normalized(weights, k: int) -> list[float]:
+    weights = [1.0] * k if weights is None else [float(w) for w in weights]
+    total = sum(weights)
+    if len(weights) != k or total <= 0:
+        raise ValueError(f"need {k} weights with a positive sum, got {weights}")
+    return [w / total for w in weights]
+
+
+def average_factors(adapters: list[LoraAdapter], weights=None) -> LoraAdapter:
+    """Weighted mean of A's and of B's separately (weights normalised to sum 1; default equal). Not the
+    mean of the updates B@A: see the module docstring."""
+    return linear_combination(adapters, _normalized(weights, len(adapters)))
+
+
+def add(a: LoraAdapter, b: LoraAdapter, scale: float = 1.0) -> LoraAdapter:
+    """a + scale * b, factor-wise (task-vector addition)."""
+    return linear_combination([a, b], [1.0, scale])
+
+
+def difference(a: LoraAdapter, b: LoraAdapter) -> LoraAdapter:
+    """a - b, factor-wise (a task vector between two adapters)."""
+    return linear_combination([a, b], [1.0, -1.0])
+
+
+def merge_product_space(adapters: list[LoraAdapter], weights=None, rank: int | None = None) -> LoraAdapter:
+    """One rank-`rank` adapter (default: the first's rank) whose update is the best rank-`rank`
+    approximation (Eckart-Young) of sum_i w_i s_i B_i A_i, weights normalised to sum 1. Exact when the
+    inputs' ranks add up to <= rank. The update is split evenly: B = U sqrt(S/s), A = sqrt(S/s) V^T.
+    Directions beyond the inputs' combined rank are zero in both factors."""
+    _check_compatible(adapters, same_rank=False)
+    weights = _normalized(weights, len(adapters))
+    config = replace(adapters[0].config, r=rank or adapters[0].config.r)
+    out = LoraAdapter(adapters[0].base_config, config, init=False).to(adapters[0].lora_A[0].device)
+    r = config.r
+    with torch.no_grad():
+        for key, j in out.slot.items():
+            # sum_i w_i s_i B_i A_i = Bcat @ Acat; QR both sides so only a (K, K) core gets an SVD
+            Bcat = torch.cat([w * a.scaling * a.lora_B[j].double() for w, a in zip(weights, adapters)], 1)  # (out, K)
+            Acat = torch.cat([a.lora_A[j].double() for a in adapters], 0)  # (K, in)
+            Qb, Rb = torch.linalg.qr(Bcat)  # (out, K'), (K', K)
+            Qa, Ra = torch.linalg.qr(Acat.T)  # (in, K''), (K'', K)
+            U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)  # core (K', K'')
+            k = min(r, S.numel())
+            root = (S[:k] / config.scaling).sqrt()
+            out.lora_B[j][:, :k] = (Qb @ U[:, :k] * root).to(out.lora_B[j].dtype)  # (out, k)
+            out.lora_A[j][:k] = (root[:, None] * Vh[:k] @ Qa.T).to(out.lora_A[j].dtype)  # (k, in)
+    return out
+
+
+def _rms(t: torch.Tensor) -> float:
+    return t.float().pow(2).mean().sqrt().item()
+
+
+def mutate(adapter: LoraAdapter, rate: float, generator: torch.Generator | None = None) -> LoraAdapter:
+    """Gaussian mutation per tensor: noise std = rate * RMS of that tensor. A B that is still zero
+    (a fresh adapter) borrows the RMS of its own A, so noise of the same relative size opens the
+    update; an all-zero A falls back to MUTATION_FLOOR."""
+    out = adapter.clone()
+    with torch.no_grad():
+        for A, B in zip(out.lora_A, out.lora_B):
+            a_scale = _rms(A) or MUTATION_FLOOR
+            b_scale = _rms(B) or a_scale
+            for t, scale in ((A, a_scale), (B, b_scale)):
+                t.add_(torch.randn(t.shape, generator=generator).to(t.device, t.dtype) * (rate * scale))
+    return out
+
+
+def crossover(a: LoraAdapter, b: LoraAdapter, generator: torch.Generator | None = None) -> LoraAdapter:
+    """Uniform crossover by layer: each layer's adapter tensors (all its targets, A and B together,
+    so every update B@A stays one parent's) come from `a` or `b` with probability 1/2."""
+    _check_compatible([a, b])
+    from_b = (torch.rand(a.base_config.n_layer, generator=generator) < 0.5).tolist()
+    out = a.clone()
+    with torch.no_grad():
+        for key, j in out.slot.items():
+            if from_b[int(key.split(".")[1])]:
+                out.lora_A[j].copy_(b.lora_A[j])
+                out.lora_B[j].copy_(b.lora_B[j])
+    return out
