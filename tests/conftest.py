@@ -1,0 +1,23 @@
+"""Shared test fixtures: keep torch single-threaded-friendly and give every test a tiny corpus."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    """A small folder of text documents (about 40 KB), enough for tiny-preset training."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    words = "the quick brown fox jumps over the lazy dog while agents evolve adapters".split()
+    for i in range(24):
+        body = " ".join(words[(i + j) % len(words)] for j in range(300))
+        (folder / f"doc{i:02d}.txt").write_text(f"Document {i}.\n{body}\n", encoding="utf-8")
+    return folder

@@ -1,0 +1,89 @@
+"""train.py end to end: exact resume, clear errors, the air gap, and 2-process data parallelism."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from h2q.cli import UserError
+from h2q.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(text_dir, out, **kw):
+    base = dict(data_dir=str(text_dir), data_root=str(out.parent / "prepared"), out=str(out), preset="tiny",
+                steps=20, batch_size=4, eval_every=10, eval_batches=2, save_every=10, warmup=5,
+                device="cpu", progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_resume_is_exact(text_dir, tmp_path):
+    """20 steps straight == 10 steps, Ctrl-C, --resume, 10 more: same losses and same weights."""
+    straight = []
+    train(tiny_config(text_dir, tmp_path / "a"), on_step=lambda s, loss: straight.append(loss))
+
+    def interrupt_at_10(step, loss):
+        resumed.append(loss)
+        if step == 10:
+            raise KeyboardInterrupt
+
+    resumed = []
+    summary = train(tiny_config(text_dir, tmp_path / "b"), on_step=interrupt_at_10)
+    assert summary["interrupted"] and summary["steps"] == 10
+    train(tiny_config(text_dir, tmp_path / "b", resume=True), on_step=lambda s, loss: resumed.append(loss))
+    assert resumed == straight
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [10, 20]
+    assert json.loads((tmp_path / "b" / "training_log.json").read_text())["steps"] == 20
+
+
+def test_empty_data_dir_is_a_user_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError):
+        train(tiny_config(tmp_path / "empty", tmp_path / "out"))
+
+
+def run_script(args, cwd, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, **kw)
+
+
+def test_cli_bad_input_gives_one_line(tmp_path):
+    result = run_script([str(ROOT / "train.py"), "--data-dir", str(tmp_path / "nope"), "--preset", "tiny"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+    result = run_script([str(ROOT / "train.py"), "--resume", "--out", str(tmp_path / "none"), "--preset", "tiny",
+                         "--data-dir", str(tmp_path)], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_train_script_air_gapped(text_dir, tmp_path):
+    """The whole entry point runs with every socket connection made to fail."""
+    out = tmp_path / "ckpt"
+    result = run_script([str(ROOT / "tests" / "airgap.py"), str(ROOT / "train.py"), "--data-dir", str(text_dir),
+                         "--data-root", str(tmp_path / "prep"), "--out", str(out), "--preset", "tiny",
+                         "--steps", "6", "--eval-every", "3", "--eval-batches", "2", "--batch-size", "4",
+                         "--no-progress", "--device", "cpu"], tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.safetensors").exists() and "bits/byte" in result.stdout
+
+
+def test_torchrun_two_processes(text_dir, tmp_path):
+    out = tmp_path / "ddp"
+    result = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
+                         "--data-dir", str(text_dir), "--data-root", str(tmp_path / "prep"), "--out", str(out),
+                         "--preset", "tiny", "--steps", "4", "--eval-every", "2", "--eval-batches", "1",
+                         "--batch-size", "2", "--no-progress", "--device", "cpu"], tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["world_size"] == 2 and log["steps"] == 4
+    state = load_file(str(out / "train_state.safetensors"))
+    assert not torch.equal(state["rng.sampler.0"], state["rng.sampler.1"])  # each rank its own batches
