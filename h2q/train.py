@@ -43,7 +43,7 @@ def _flag(default, help, **kw):
 class TrainConfig:
     data_dir: str | None = _flag(None, "folder of text files; none = the default corpus built from this Python installation")
     data_root: str = _flag("data", "where prepared corpora are cached")
-    out: str = _flag("checkpoints/base", "output folder for checkpoints and metrics")
+    out: str | None = _flag(None, "output folder (default checkpoints/base, or checkpoints/adapters/lora for --lora-rank)")
     preset: str = _flag("auto", "model size; auto picks by device and time budget", choices=["auto", *PRESETS])
     steps: int = _flag(0, "optimizer steps to run (0 = use --epochs or --time-budget)")
     epochs: float = _flag(0.0, "passes over the train split (0 = use --steps or --time-budget)")
@@ -120,7 +120,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.out = Path(cfg.out)
+        self.out = Path(cfg.out or ("checkpoints/adapters/lora" if cfg.lora_rank else "checkpoints/base"))
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and world_size > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -151,8 +151,10 @@ class Run:
         cfg = self.cfg
         if not cfg.init_from:
             raise UserError("--lora-rank trains an adapter on a frozen base: also give --init-from checkpoints/base")
+        if self.out.resolve() == checkpoint.resolve_model_file(cfg.init_from).parent.resolve():
+            raise UserError("--out must differ from the --init-from base folder (e.g. checkpoints/adapters/NAME)")
         self.model, _ = checkpoint.load_model(cfg.init_from, self.device)
-        self.model.requires_grad_(False)
+        lora.freeze_base(self.model)
         self.adapter = lora.LoraAdapter(self.model, lora.LoraConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha)).to(self.device)
         self.trainable = self.adapter
 
@@ -317,7 +319,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             bar.write(f"interrupted at step {run.step}: saving a checkpoint; continue with --resume")
     bar.close()
     run.save()
-    summary = {"interrupted": interrupted, "steps": run.step, "max_steps": run.max_steps,
+    summary = {"out": str(run.out), "interrupted": interrupted, "steps": run.step, "max_steps": run.max_steps,
                "tokens_seen": run.tokens_seen, "elapsed_s": round(run.elapsed, 2), "world_size": world_size,
                "params": run.model.num_params(), "model_config": run.model.config.to_dict(),
                "train_config": asdict(cfg), "device": str(run.device), "final": last_eval}
@@ -332,8 +334,7 @@ def main(argv=None) -> int:
     add_dataclass_flags(parser, TrainConfig)
     summary = train(dataclass_from_args(TrainConfig, parser.parse_args(argv)))
     if summary["final"]:
-        print(f"done: {summary['steps']} steps, val {summary['final']['val_bpb']:.4f} bits/byte, "
-              f"saved to {summary['train_config']['out']}")
+        print(f"done: {summary['steps']} steps, val {summary['final']['val_bpb']:.4f} bits/byte, saved to {summary['out']}")
     return 130 if summary["interrupted"] else 0
 
 

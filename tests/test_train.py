@@ -87,3 +87,26 @@ def test_torchrun_two_processes(text_dir, tmp_path):
     assert log["world_size"] == 2 and log["steps"] == 4
     state = load_file(str(out / "train_state.safetensors"))
     assert not torch.equal(state["rng.sampler.0"], state["rng.sampler.1"])  # each rank its own batches
+
+
+def test_lora_finetune_trains_only_the_adapter(text_dir, tmp_path):
+    """--init-from BASE --lora-rank R: the base file is untouched, the adapter learns and resumes exactly."""
+    base_dir = tmp_path / "base"
+    train(tiny_config(text_dir, base_dir, steps=4))
+    base_before = (base_dir / "model.safetensors").read_bytes()
+    straight, resumed = [], []
+    lora_cfg = dict(init_from=str(base_dir), lora_rank=4, lr=1e-2, steps=12, save_every=6, eval_every=6)
+    summary = train(tiny_config(text_dir, tmp_path / "a", **lora_cfg), on_step=lambda s, loss: straight.append(loss))
+    assert summary["final"]["val_loss"] < 6.0
+    assert (base_dir / "model.safetensors").read_bytes() == base_before
+    adapter_keys = load_file(str(tmp_path / "a" / "adapter_model.safetensors")).keys()
+    assert adapter_keys and all(k.endswith((".lora_A", ".lora_B")) for k in adapter_keys)
+
+    def interrupt_at_6(step, loss):
+        resumed.append(loss)
+        if step == 6:
+            raise KeyboardInterrupt
+
+    train(tiny_config(text_dir, tmp_path / "b", **lora_cfg), on_step=interrupt_at_6)
+    train(tiny_config(text_dir, tmp_path / "b", resume=True, **lora_cfg), on_step=lambda s, loss: resumed.append(loss))
+    assert resumed == straight
