@@ -128,6 +128,9 @@ def load_model(ckpt: str | Path, device="cpu") -> tuple[Transformer, dict]:
         raise UserError(f"no model checkpoint at {path}; run `python train.py` first")
     tensors, metadata = read_tensors(path, "model checkpoint")
     model = Transformer(config_from_metadata(metadata, path))
+    if "quant" in metadata:  # a quantized checkpoint: swap in empty quantized modules (lazy: quant imports us)
+        from h2q.quant import prepare_quantized
+        prepare_quantized(model, metadata["quant"], path)
     load_weights(model, tensors, path)
     model.fingerprint = metadata.get("fingerprint")
     return model.to(device).eval(), metadata
