@@ -213,13 +213,14 @@ class _KernelLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return grad_out @ ctx.layer.dequantize().to(grad_out.dtype), None
+        return (grad_out.float() @ ctx.layer.dequantize()).to(grad_out.dtype), None
 
 
 def _run_kernel(layer, x):
+    """x (..., K) -> (..., N) in x's dtype through `layer.kernel_matmul`."""
     x2d = x.reshape(-1, x.shape[-1])  # (M, K)
     y = _KernelLinear.apply(x2d, layer) if torch.is_grad_enabled() and x.requires_grad else layer.kernel_matmul(x2d)
-    return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])  # (..., N)
+    return y.view(*x.shape[:-1], y.shape[-1])  # (..., N)
 
 
 # -- modules ------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ class Int8Linear(nn.Module):
     def kernel_matmul(self, x2d):
         """(M, K) -> (M, N) by the bf16 kernel on unit scales; the fp32 scales are applied after."""
         unit = torch.ones(self.out_features, dtype=torch.bfloat16)
-        return torch._weight_int8pack_mm(x2d.bfloat16(), self.qweight, unit).float() * self.scales
+        return (torch._weight_int8pack_mm(x2d.bfloat16(), self.qweight, unit).float() * self.scales).to(x2d.dtype)
 
     def forward(self, x):
         if self.use_kernel and x.device.type == "cpu" and _int8_kernel_ok(self.out_features, self.in_features):
@@ -314,7 +315,7 @@ class Int4Linear(nn.Module):
 
     def kernel_matmul(self, x2d):
         return torch._weight_int4pack_mm_for_cpu(x2d.bfloat16(), self.kernel_qweight, self.group_size,
-                                                 self.kernel_scales_zeros)
+                                                 self.kernel_scales_zeros).to(x2d.dtype)
 
     def forward(self, x):
         if self.use_kernel and x.device.type == "cpu" and _int4_kernel_ok(
