@@ -1,0 +1,149 @@
+"""Sampling and streaming generation through a KV cache.
+
+`generate` (one prompt) and `generate_batch` (one prompt per row, any lengths: 20 agents at once)
+prefill the prompts into a cache of the chosen policy (h2q/kvcache.py) and then decode one byte per
+step, each step a single forward of one token per row. A row stops at its first stop token (not
+returned) or after `max_new_tokens`; finished rows ride along as PAD, masked out, until every row is
+done. `adapters` goes to every forward unchanged.
+
+`sample_next` is the one sampler: temperature scaling, top-k (Fan et al. 2018), then nucleus top-p
+(Holtzman et al. 2020), then one multinomial draw from `generator`; temperature 0 is greedy argmax.
+A seed makes a run reproducible. `on_token` streams each new token id as soon as it is sampled;
+`TextStreamer` turns that into text without splitting a UTF-8 character (or write `bytes([id])` to a
+binary stream to pass the bytes on raw).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+from h2q import tokenizer
+from h2q.cli import UserError
+from h2q.kvcache import KVCache, make_cache, policies, prefill
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (..., V) -> sampled ids (...), long."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_best = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_best, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        beyond = probs.cumsum(-1) - probs >= top_p  # mass before a token already reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(beyond).scatter_(-1, order, beyond), -math.inf)
+    probs = logits.softmax(-1)
+    flat = probs.reshape(-1, probs.shape[-1])  # (N, V)
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+
+
+class TextStreamer:
+    """An `on_token` callback that writes text as soon as each UTF-8 character is complete; call
+    `close()` after generation to flush an unfinished character (as U+FFFD)."""
+
+    def __init__(self, write: Callable[[str], object]):
+        self.write, self.decoder = write, tokenizer.StreamDecoder()
+
+    def __call__(self, token_id: int) -> None:
+        text = self.decoder.feed(token_id)
+        if text:
+            self.write(text)
+
+    def close(self) -> None:
+        text = self.decoder.flush()
+        if text:
+            self.write(text)
+
+
+def prompt_ids(prompt: str | bytes | Iterable[int]) -> list[int]:
+    """A prompt as ids; an empty prompt starts a fresh document (EOT), so there is a token to predict from."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, (str, bytes)) else [int(i) for i in prompt]
+    if any(not 0 <= i <= tokenizer.EOT for i in ids):
+        raise UserError("prompt ids must be bytes 0..255 or EOT (256)")
+    return ids or [tokenizer.EOT]
+
+
+def cache_length(policy: str, prompt_len: int, max_new_tokens: int, context_len: int, prefix_len: int = 0) -> int:
+    """Slots a generation needs: prompt + new tokens for the slot policies (which refuse to go past
+    the model's context, a shared prefix included), the model's context for the evicting ones."""
+    if policies()[policy].evicts:
+        return context_len
+    need = prompt_len + max(max_new_tokens - 1, 0)  # the last sampled token is never fed back
+    if prefix_len + need > context_len:
+        raise UserError(f"prefix ({prefix_len}) + prompt ({prompt_len}) + {max_new_tokens} new tokens exceed "
+                        f"the model's context of {context_len}; shorten them or use cache policy 'window'")
+    return need
+
+
+def generate_batch(model, prompts: list, max_new_tokens: int = 256, *, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                   stop: Iterable[int] = (tokenizer.EOT,), cache_policy: str = "full",
+                   cache_len: int | None = None, cache_opts: dict | None = None, adapters=None,
+                   on_token: Callable[[int, int], object] | None = None,
+                   cache: KVCache | None = None) -> list[list[int]]:
+    """Generate for every prompt at once; returns the new ids per prompt (stop token excluded).
+    `on_token(row, id)` is called for each new token; `stop` is a set of ids (e.g. b"\\n" or (EOT,)).
+    A new cache of `cache_policy` is made unless `cache` is given: then the prompts continue what it
+    holds (the caller owns it and may truncate or reuse it afterwards)."""
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if cache_policy not in policies():
+        raise UserError(f"unknown cache policy {cache_policy!r}; choose one of {', '.join(policies())}")
+    ids = [prompt_ids(p) for p in prompts]
+    weight = model.embed.weight
+    if cache is None:
+        cfg, cache_opts = model.config, cache_opts or {}
+        prefix = cache_opts.get("prefix")
+        cache_len = cache_len or cache_length(cache_policy, max(map(len, ids)), max_new_tokens, cfg.context_len,
+                                              prefix.length if prefix is not None else 0)
+        cache = make_cache(cache_policy, cfg, len(ids), cache_len, weight.device, weight.dtype, **cache_opts)
+    generator = None if seed is None else torch.Generator(weight.device).manual_seed(seed)
+    stops = frozenset(int(i) for i in stop)
+    outputs: list[list[int]] = [[] for _ in ids]
+    done = [False] * len(ids)
+    with torch.inference_mode():
+        logits = prefill(model, cache, ids, adapters)  # (B, V)
+        for step in range(max_new_tokens):
+            logits[:, tokenizer.PAD] = -math.inf  # filler is never generated
+            tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            for row, token in enumerate(tokens.tolist()):
+                if done[row]:
+                    continue
+                if token in stops:
+                    done[row] = True
+                    continue
+                outputs[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            if any(done):
+                running = torch.tensor([not d for d in done], device=weight.device)  # (B,)
+                cache.set_pad_mask(running[:, None])
+                tokens = tokens.masked_fill(~running, tokenizer.PAD)
+            logits = model(tokens[:, None], cache=cache, adapters=adapters)[:, -1]  # (B, V)
+    return outputs
+
+
+def generate(model, prompt: str | bytes | Iterable[int], max_new_tokens: int = 256, *,
+             on_token: Callable[[int], object] | None = None, **options) -> list[int]:
+    """One prompt -> its new ids; `options` as for `generate_batch` (temperature, top_k, top_p, seed,
+    stop, cache_policy, cache_len, cache_opts, adapters, cache); `on_token(id)` streams each new id."""
+    stream = None if on_token is None else (lambda row, token: on_token(token))
+    return generate_batch(model, [prompt], max_new_tokens, on_token=stream, **options)[0]

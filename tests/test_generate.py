@@ -1,0 +1,112 @@
+"""Generation: greedy is deterministic and matches recomputation, seeds reproduce, stop bytes stop,
+top-k 1 is greedy, batches equal single prompts, `window` streams past the context in fixed memory."""
+import pytest
+import torch
+
+from h2q import tokenizer
+from h2q.cli import UserError
+from h2q.config import PRESETS
+from h2q.generate import TextStreamer, generate, generate_batch, sample_next
+from h2q.kvcache import make_cache
+from h2q.model import Transformer
+
+CFG = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(CFG).eval()
+
+
+@torch.inference_mode()
+def greedy_by_recompute(model, prompt: list[int], n: int) -> list[int]:
+    """The minimal sampler: run the whole sequence every step, take the argmax (PAD excluded)."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([ids]))[0, -1]
+        logits[tokenizer.PAD] = float("-inf")
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_is_deterministic_and_equals_recompute(model):
+    prompt = b"hello agents"
+    first = generate(model, prompt, 30, temperature=0, stop=())
+    assert first == generate(model, prompt, 30, temperature=0, stop=())
+    assert first == greedy_by_recompute(model, tokenizer.encode(prompt), 30)
+
+
+def test_seed_reproducible(model):
+    runs = [generate(model, "abc", 25, temperature=1.0, seed=seed, stop=()) for seed in (5, 5, 6)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy(model):
+    greedy = generate(model, "xyz", 20, temperature=0, stop=())
+    assert generate(model, "xyz", 20, temperature=1.3, top_k=1, seed=1, stop=()) == greedy
+    assert generate(model, "xyz", 20, temperature=1.3, top_p=1e-6, seed=1, stop=()) == greedy
+
+
+def test_stop_bytes_stop(model):
+    greedy = generate(model, "stop me", 30, temperature=0, stop=())
+    stop_at = greedy[5]
+    out = generate(model, "stop me", 30, temperature=0, stop=bytes([stop_at]) if stop_at < 256 else [stop_at])
+    assert out == greedy[:greedy.index(stop_at)]
+
+
+def test_streaming_callback_and_text(model):
+    seen, text = [], []
+    streamer = TextStreamer(text.append)
+    out = generate(model, "ünïcode", 40, temperature=1.0, seed=3, stop=(),
+                   on_token=lambda t: (seen.append(t), streamer(t)))
+    streamer.close()
+    assert seen == out and "".join(text) == tokenizer.decode(out)
+
+
+def test_batch_of_different_lengths_equals_single_prompts(model):
+    prompts = [b"a", b"twenty agents decide", b"", bytes(range(40, 75))]
+    batch = generate_batch(model, prompts, 12, temperature=0, stop=())
+    for prompt, out in zip(prompts, batch):
+        assert out == generate(model, prompt, 12, temperature=0, stop=())
+
+
+def test_batch_rows_stop_independently(model):
+    prompts = [b"one", b"two two", b"three three three"]
+    free = generate_batch(model, prompts, 15, temperature=0, stop=())
+    stop_at = free[1][3]
+    stopped = generate_batch(model, prompts, 15, temperature=0, stop=[stop_at])
+    for full, out in zip(free, stopped):
+        assert out == (full[:full.index(stop_at)] if stop_at in full else full)
+
+
+@pytest.mark.parametrize("policy", ["int8", "int4", "window", "h2o"])
+def test_every_policy_generates(model, policy):
+    out = generate(model, "policy", 20, temperature=0.8, top_k=40, top_p=0.9, seed=0, stop=(),
+                   cache_policy=policy)
+    assert len(out) == 20 and all(0 <= t <= tokenizer.EOT for t in out)
+
+
+def test_window_streams_4x_context_in_fixed_memory(model):
+    """256 new tokens from a 64-token model: positions stay inside the window, memory is flat."""
+    cache = make_cache("window", CFG, 1, CFG.context_len)
+    sizes = []
+    out = generate(model, "stream", 4 * CFG.context_len, temperature=1.0, seed=0, stop=(), cache=cache,
+                   on_token=lambda t: sizes.append(cache.nbytes))
+    assert len(out) == 4 * CFG.context_len
+    assert len(set(sizes)) == 1 and int(cache.alive.sum()) == CFG.context_len
+    with pytest.raises(UserError, match="context"):
+        generate(model, "stream", 4 * CFG.context_len, cache_policy="full")
+
+
+def test_sample_next_shapes_and_greedy():
+    logits = torch.randn(3, 5, 258)
+    assert sample_next(logits, 0).shape == (3, 5)
+    assert torch.equal(sample_next(logits, 0), logits.argmax(-1))
+    assert sample_next(logits[0, 0], 1.0, top_k=3, generator=torch.Generator().manual_seed(0)).shape == ()
+
+
+def test_bad_sampling_options_are_user_errors(model):
+    for options in ({"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"cache_policy": "zip"}):
+        with pytest.raises(UserError):
+            generate(model, "x", 3, **options)
