@@ -30,6 +30,8 @@ from h2q.model import Transformer
 FORMAT = "h2q-model-v1"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -42,6 +44,7 @@ def atomic_write(path: str | Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
