@@ -154,7 +154,8 @@ class LoraAdapter(_LoraFactors):
         if i is None or self._merged_into is not None:  # merged: W already holds the update
             return y
         h = F.linear(self._dropout(x), self.lora_A[i].to(x.dtype)) * self.scaling  # (..., r)
-        return y + F.linear(h, self.lora_B[i].to(x.dtype))
+        delta = F.linear(h, self.lora_B[i].to(x.dtype))  # (..., out)
+        return y + delta if torch.is_grad_enabled() else y.add_(delta)  # serving: in place, as BoundBank
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors under their file keys, e.g. 'layers.0.attn.q_proj.lora_A'."""
