@@ -332,3 +332,19 @@ def test_crossover_takes_whole_layers(model):
             assert all(torch.equal(child.lora_B[child.slot[k]], src.lora_B[src.slot[k]]) for k in keys)
             parents |= sources
     assert parents == {"a", "b"}  # 24 fair coin flips: both parents show up
+
+
+def test_over_h2q_int8_base(model, ids):
+    from h2q import quant
+    adapter = trained(model)
+    quant.quantize(model, "int8", clip_search=False)
+    with pytest.raises(UserError, match="quantized"):
+        adapter.merge(model)
+    assert not torch.equal(model(ids, adapters=adapter), model(ids))
+    model(ids, adapters=adapter).logsumexp(-1).mean().backward()  # QLoRA: train over the int8 base
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+    bank = AdapterBank.from_adapters([adapter, trained(model, seed=1)])
+    with torch.inference_mode():
+        out = model(ids, adapters=bank.bind([1, 0, -1, 0]))
+        assert (out[1] - model(ids[1:2], adapters=adapter)[0]).abs().max() <= 1e-5
+        assert (out[2] - model(ids[2:3])[0]).abs().max() <= 1e-5
