@@ -113,6 +113,8 @@ def generate_batch(model, prompts: list, max_new_tokens: int = 256, *, temperatu
         cache_len = cache_len or cache_length(cache_policy, max(map(len, ids)), max_new_tokens, cfg.context_len,
                                               prefix.length if prefix is not None else 0)
         cache = make_cache(cache_policy, cfg, len(ids), cache_len, weight.device, weight.dtype, **cache_opts)
+    elif not cache.evicts and cache.length + max(map(len, ids)) + max_new_tokens - 1 > cache.max_len:
+        raise ValueError(f"the given cache has {cache.max_len - cache.length} free slots, too few for this generation")
     generator = None if seed is None else torch.Generator(weight.device).manual_seed(seed)
     stops = frozenset(int(i) for i in stop)
     outputs: list[list[int]] = [[] for _ in ids]

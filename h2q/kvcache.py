@@ -16,7 +16,17 @@ policies (int8/int4 KIVI quantization, StreamingLLM window, H2O) are in h2q/kvco
   batch's cache. The batch stores only its own tokens; each layer attends over [prefix ; own] by
   concatenating the prefix's K/V, expand()ed over rows (a per-step temporary, never stored per row).
   `truncate(length)` rewinds the own part cheaply, so agents reuse the prefix step after step. The
-  prefix must not change while a cache refers to it.
+  prefix must not change while a cache refers to it. For 20 agents:
+
+      shared = make_cache("full", cfg, 1, len(instruction)); prefill(model, shared, [instruction])
+      cache = make_cache("int8", cfg, 20, 256, prefix=shared)
+      each step: logits = prefill(model, cache, observations)  # 20 prompts, any lengths
+                 ... decode a few bytes per row (generate_batch(..., cache=cache)) ...
+                 cache.truncate(0)  # back to the bare instruction
+* Rotary as one complex multiply: caches keep keys, and return keys and queries, with channel i of the
+  model's half-split rotary layout next to channel i + hs/2, so a rotation is a single complex product
+  with angles from `rotary.cos_sin` (much faster on big K than the real-valued form). Attention only
+  uses q.k, which permuting the channels of both alike leaves unchanged; values are untouched.
 * Memory: `nbytes` is the sum of numel * element_size over the tensors the cache holds (`tensors()`),
   bookkeeping included; a shared prefix is counted by the prefix cache, not by its users.
 
@@ -30,6 +40,26 @@ import torch
 
 from h2q.config import ModelConfig
 from h2q.tokenizer import PAD
+
+
+def pairs(x: torch.Tensor) -> torch.Tensor:
+    """(..., hs) in the model's half-split layout -> (..., hs/2) complex: (x[i], x[i + hs/2]) pairs."""
+    return torch.view_as_complex(torch.stack(x.float().chunk(2, dim=-1), dim=-1))
+
+
+def as_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(..., hs) already interleaved -> its (..., hs/2) complex view (no copy)."""
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+
+
+def interleaved(z: torch.Tensor, dtype) -> torch.Tensor:
+    """(..., hs/2) complex -> (..., hs) real, the pairs side by side."""
+    return torch.view_as_real(z).flatten(-2).to(dtype)
+
+
+def angles(rotary, pos: torch.Tensor) -> torch.Tensor:
+    """Rotary angles of positions (T,) or (B, T) as unit complex numbers, (1 or B, 1, T, hs/2)."""
+    return torch.complex(*rotary.cos_sin(pos))
 
 
 class KVCache:
@@ -86,8 +116,9 @@ class SlotCache(KVCache):
     """Policies that keep every token in the slot it was written to (full, int8, int4).
 
     Slot s of every row holds that row's s-th token of the step stream (or a pad); `valid` (B, max_len)
-    says which slots hold real tokens. Keys are stored after rotary at the token's own position, so
-    nothing is recomputed when the cache grows. Subclasses store and read K/V (`_store`, `layer_kv`).
+    says which slots hold real tokens. Keys are stored after rotary at the token's own position
+    (interleaved, see above), so nothing is recomputed when the cache grows. Subclasses store and read
+    K/V (`_store`, `layer_kv`).
     """
 
     def __init__(self, cfg, batch_size, max_len, device, dtype, prefix: SlotCache | None = None):
@@ -109,8 +140,9 @@ class SlotCache(KVCache):
         T = q.shape[2]
         if layer == 0:
             self._begin(T, rotary)
-        cos, sin, mask = self._step
-        q, k = rotary.rotate(torch.cat((q, k), 1), cos, sin).split(self.n_head, 1)  # (B, nh, T, hs) each
+        rotation, mask = self._step
+        qk = interleaved(pairs(torch.cat((q, k), 1)) * rotation, q.dtype)  # (B, 2 nh, T, hs)
+        q, k = qk.split(self.n_head, 1)  # (B, nh, T, hs) each
         self._store(layer, k, v)
         keys, values = self.layer_kv(layer, self.length + T)
         if self.prefix is not None:
@@ -128,9 +160,9 @@ class SlotCache(KVCache):
             raise ValueError(f"cache full: {L} + {T} tokens > max_len {self.max_len}")
         if self._new_valid is not None:
             self.valid[:, L:L + T] = self._new_valid
-        cos, sin = rotary.cos_sin(self._new_positions(T))  # (B, 1, T, hs/2) each
-        needs_mask = self._new_valid is not None or not self._all_valid or (T > 1 and self.prefix_len + L)
-        self._step = cos, sin, self._mask(L, T) if needs_mask else None
+        rotation = angles(rotary, self._new_positions(T))  # (B, 1, T, hs/2)
+        needs_mask = self._new_valid is not None or not self._all_valid or (T > 1 and self.prefix_len + L > 0)
+        self._step = rotation, self._mask(L, T) if needs_mask else None
 
     def _mask(self, L: int, T: int) -> torch.Tensor:
         """(B, 1, T, P + L + T) bool: causal over the slots, real slots only; a query always sees its
@@ -207,8 +239,9 @@ def policies() -> dict[str, type]:
 
 def make_cache(policy: str, model_config: ModelConfig, batch_size: int, max_len: int | None = None,
                device="cpu", dtype=torch.float32, **opts) -> KVCache:
-    """A cache by policy name; `max_len` defaults to the model's context; opts go to the policy
-    (prefix= for full/int8/int4; group, residual for int8/int4; sinks for window; recent for h2o)."""
+    """A cache by policy name; `max_len` defaults to the model's context; opts go to the policy:
+    prefix= (full/int8/int4), group= (int8/int4: tokens per key group and residual, default 32),
+    sinks= (window, default 4), recent= (h2o, default max_len // 2)."""
     known = policies()
     if policy not in known:
         raise ValueError(f"unknown cache policy {policy!r}; choose one of {', '.join(known)}")

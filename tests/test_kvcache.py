@@ -8,7 +8,7 @@ import torch
 
 from h2q.config import PRESETS
 from h2q.kvcache import FullCache, make_cache, prefill
-from h2q.kvcompress import dequantize, quantize
+from h2q.kvcompress import quantize
 from h2q.model import Transformer
 
 CFG = PRESETS["tiny"]  # context 64
@@ -82,7 +82,7 @@ def test_pad_mask_mid_decode_keeps_rows_exact():
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("policy,tolerance", [("full", 1e-4), ("int8", 0.02), ("int4", 0.2)])
+@pytest.mark.parametrize("policy,tolerance", [("full", 1e-4), ("int8", 0.01), ("int4", 0.1)])
 def test_prefix_sharing_equals_unshared_and_rewinds(policy, tolerance):
     """20 agents: shared instruction + own observation, decide, rewind the observation, repeat."""
     model = tiny_model(sharpen=4.0)
@@ -132,15 +132,15 @@ def test_quantization_error_bound(bits):
     x[0, 0, 3, 2] = 40.0  # an outlier only widens its own group
     codes, scale, low = quantize(x, -2, bits)
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 2 ** bits - 1
-    error = (dequantize(codes, scale, low, torch.float32) - x).abs()
+    error = (codes.float() * scale.float() + low.float() - x).abs()
     fp16_slack = 2 ** -10 * (x.abs().amax(-2, keepdim=True) + (2 ** bits - 1) * scale.float())
     assert (error <= scale.float() / 2 + fp16_slack + 1e-6).all()
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("policy,tolerance", [("int8", 0.02), ("int4", 0.2)])
+@pytest.mark.parametrize("policy,tolerance", [("int8", 0.01), ("int4", 0.1)])
 def test_quantized_cache_logits_close_to_full(policy, tolerance):
-    """Documented tolerance: max |logit error| <= 2% (int8) / 20% (int4) of the logits' std, with
+    """Documented tolerance: max |logit error| <= 1% (int8) / 10% (int4) of the logits' std, with
     peaked attention; ragged rows included."""
     model = tiny_model(sharpen=4.0)
     ids = random_ids(3, 64)

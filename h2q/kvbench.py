@@ -1,0 +1,114 @@
+"""Measurements behind scripts/bench_kv.py, reusable on their own: KV memory and bits per byte of
+teacher-forced text through a cache policy, decode speed through `generate_batch`, the speed of a
+sampler that recomputes the whole context every step (the minimal nanoGPT/minGPT way), and memory
+while streaming far past the context with `window`.
+
+Every figure is measured, never derived: memory is the cache's `nbytes` after each forward divided by
+the rows of the batch (every tensor a cache holds has a batch dimension), speeds are wall-clock.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from h2q.generate import generate_batch
+from h2q.kvcache import make_cache
+
+
+@dataclass
+class CacheEval:
+    bits_per_byte: float
+    bytes_at_end: float  # per row, after the last token of a full context
+    bytes_peak: float  # per row, the most held after any forward
+
+
+def eval_windows(val: np.ndarray, ctx: int, n_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evenly spaced windows of the validation bytes -> inputs and next-byte targets, (N, ctx) each."""
+    from h2q.data import windows_to_batch  # NUL document separators become EOT, as in training
+
+    last_start = len(val) - ctx - 1
+    if last_start < 0:
+        raise ValueError(f"{len(val)} validation bytes hold no window of {ctx + 1}")
+    starts = np.linspace(0, last_start, num=min(n_windows, last_start + 1)).astype(np.int64)
+    return windows_to_batch(val, starts, ctx)
+
+
+@torch.inference_mode()
+def cache_bits_per_byte(model, policy: str, x: torch.Tensor, y: torch.Tensor, batch: int = 16,
+                        chunk: int = 1, max_len: int | None = None, **opts) -> CacheEval:
+    """Teacher-forced bits per byte with every token read through a cache of `policy` holding at most
+    `max_len` tokens (default: the whole window), fed `chunk` tokens per forward (1 = as in decoding)."""
+    weight = model.embed.weight
+    nll, count, at_end, peak = 0.0, 0, 0.0, 0.0
+    for first in range(0, x.shape[0], batch):
+        xs, ys = x[first:first + batch].to(weight.device), y[first:first + batch].to(weight.device)
+        rows, ctx = xs.shape
+        cache = make_cache(policy, model.config, rows, max_len or ctx, weight.device, weight.dtype, **opts)
+        for start in range(0, ctx, chunk):
+            logits = model(xs[:, start:start + chunk], cache=cache)  # (rows, chunk, V)
+            nll += F.cross_entropy(logits.flatten(0, 1).float(), ys[:, start:start + chunk].flatten(),
+                                   reduction="sum").item()
+            peak = max(peak, cache.nbytes / rows)
+        count += ys.numel()
+        at_end = cache.nbytes / rows
+    return CacheEval(nll / count / math.log(2), at_end, peak)
+
+
+def decode_tokens_per_s(model, policy: str, batch: int, prompt_len: int, new_tokens: int,
+                        max_len: int | None = None, **opts) -> float:
+    """Tokens per second of `generate_batch` after the prefill (prompts of slightly different
+    lengths, so the ragged path is what gets timed), sampling at temperature 1, no stop; `max_len`
+    is the cache size (default: what the generation needs, or the context for evicting policies)."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (max(1, prompt_len - row % 8),), generator=generator).tolist()
+               for row in range(batch)]
+    stamps = []
+
+    def clock(row, token):
+        if row == 0:
+            stamps.append(time.perf_counter())
+
+    generate_batch(model, prompts, new_tokens, temperature=1.0, seed=0, stop=(), cache_policy=policy,
+                   cache_len=max_len, cache_opts=opts, on_token=clock)
+    return batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+@torch.inference_mode()
+def recompute_tokens_per_s(model, batch: int, ctx: int, steps: int) -> float:
+    """The no-cache sampler: every step runs the model over the last `ctx` tokens again."""
+    weight = model.embed.weight
+    ids = torch.randint(0, 256, (batch, ctx), generator=torch.Generator().manual_seed(0)).to(weight.device)
+    model(ids[:, -ctx:])  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        next_ids = model(ids[:, -ctx:])[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        ids = torch.cat((ids[:, 1:], next_ids), 1)
+    return batch * steps / (time.perf_counter() - start)
+
+
+@dataclass
+class StreamReport:
+    tokens: int
+    bytes_min: int  # after the window filled
+    bytes_max: int
+    tokens_per_s: float
+
+
+def stream_window(model, tokens: int, capacity: int, **opts) -> StreamReport:
+    """Generate `tokens` at batch 1 through a `window` cache of `capacity` and watch its memory."""
+    weight = model.embed.weight
+    cache = make_cache("window", model.config, 1, capacity, weight.device, weight.dtype, **opts)
+    sizes, stamps = [], []
+
+    def watch(row, token):
+        sizes.append(cache.nbytes)
+        stamps.append(time.perf_counter())
+
+    generate_batch(model, [b"\n"], tokens, temperature=1.0, seed=0, stop=(), cache=cache, on_token=watch)
+    filled = sizes[capacity:] or sizes[-1:]
+    return StreamReport(len(sizes), min(filled), max(filled), (len(stamps) - 1) / (stamps[-1] - stamps[0]))

@@ -1,0 +1,160 @@
+"""Benchmark KV-cache policies: `python scripts/bench_kv.py [--ckpt checkpoints/base | --preset small --random] [--quick]`.
+
+For each policy (full, int8, int4, window, h2o): KV bytes per token and in total at the full context
+(and the most held at any point on the way), validation bits per byte with every byte read through a
+cache of that policy (teacher-forced, one token per forward unless --chunk), its change against
+`full`, and decode tokens/s at batch 1 and batch 20. Then cached decoding against a sampler that
+recomputes the whole context every step, at the full context, and `window` streaming 8x the context.
+The targets are printed beside the measurements. The measuring code is h2q/kvbench.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from h2q import checkpoint, kvbench  # noqa: E402
+from h2q.cli import UserError, resolve_device, run_main  # noqa: E402
+from h2q.config import PRESETS  # noqa: E402
+from h2q.kvcache import policies  # noqa: E402
+from h2q.model import Transformer  # noqa: E402
+
+TARGETS = {"int8": (0.3, 3.5), "int4": (2.0, 6.0)}  # (max % worse bits per byte, min times less memory)
+RECOMPUTE_REFERENCE = {1: (22.0, 20), 20: (25.0, 50)}  # batch: (reference tok/s, required speed-up)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", default="checkpoints/base", help="model checkpoint folder or file")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="with --random: the shape")
+    p.add_argument("--random", action="store_true", help="benchmark an untrained random-init --preset model")
+    p.add_argument("--text-file", help="validation text (default: the val split of the prepared corpus)")
+    p.add_argument("--data-dir", default=None, help="corpus folder for h2q.data.load_corpus (default corpus)")
+    p.add_argument("--policies", default=",".join(policies()), help="comma-separated subset")
+    p.add_argument("--ctx", type=int, default=None, help="context to measure at (default: the model's)")
+    p.add_argument("--windows", type=int, default=16, help="validation windows of ctx bytes")
+    p.add_argument("--chunk", type=int, default=1, help="tokens per forward in the bits-per-byte run")
+    p.add_argument("--group", type=int, default=32, help="int8/int4 group size and residual")
+    p.add_argument("--window-len", type=int, default=None, help="window cache size (default ctx/2)")
+    p.add_argument("--sinks", type=int, default=4, help="window attention sinks")
+    p.add_argument("--h2o-len", type=int, default=None, help="h2o token budget (default ctx/2)")
+    p.add_argument("--batch", type=int, default=20, help="the large decode batch")
+    p.add_argument("--stream-factor", type=int, default=8, help="window streams this many contexts")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="smoke run: context 64, 2 windows, short decodes")
+    return p.parse_args(argv)
+
+
+def load(args, device):
+    if args.random:
+        torch.manual_seed(0)
+        print(f"UNTRAINED: random-init '{args.preset}' model; bits per byte say nothing about quality here")
+        return Transformer(PRESETS[args.preset]).to(device).eval()
+    model, _ = checkpoint.load_model(args.ckpt, device)
+    return model
+
+
+def validation_bytes(args, ctx) -> np.ndarray:
+    if args.text_file:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise UserError(f"--text-file {path} not found")
+        return np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    from h2q.data import load_corpus
+
+    return load_corpus(args.data_dir, ctx).val
+
+
+def policy_options(args, ctx) -> dict[str, dict]:
+    return {"full": {}, "int8": {"group": args.group}, "int4": {"group": args.group},
+            "window": {"sinks": args.sinks, "max_len": args.window_len or ctx // 2},
+            "h2o": {"max_len": args.h2o_len or ctx // 2}}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    model = load(args, device)
+    ctx = min(args.ctx or model.config.context_len, 64 if args.quick else model.config.context_len)
+    chosen = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = set(chosen) - set(policies())
+    if unknown or "full" not in chosen:
+        raise UserError(f"--policies must include 'full' and name only {', '.join(policies())}")
+    val = validation_bytes(args, ctx)
+    x, y = kvbench.eval_windows(val, ctx, 2 if args.quick else args.windows)
+    prompt_len, new_tokens = (ctx // 2, 16) if args.quick else (ctx // 2, ctx // 2)
+    print(f"model {model.config}, {torch.get_num_threads()} threads, context {ctx}, {x.shape[0]} windows "
+          f"({x.numel()} bytes), chunk {args.chunk}; decode {new_tokens} tokens after ~{prompt_len}")
+
+    options, rows = policy_options(args, ctx), {}
+    for policy in chosen:
+        opts = dict(options[policy])
+        budget = opts.pop("max_len", None)  # evicting policies: their token budget
+        evaluation = kvbench.cache_bits_per_byte(model, policy, x, y, chunk=args.chunk, max_len=budget, **opts)
+        speeds = [kvbench.decode_tokens_per_s(model, policy, b, prompt_len, new_tokens, max_len=budget, **opts)
+                  for b in (1, args.batch)]
+        rows[policy] = (budget or ctx, evaluation, speeds)
+    print_table(rows, ctx, args.batch)
+    print_targets(rows, model, ctx, args)
+    return 0
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def print_table(rows, ctx: int, batch: int) -> None:
+    full = rows["full"][1]
+    print(f"\n{'policy':<7} {'holds':>6} {'KV/token':>9} {f'KV @{ctx}':>10} {'peak':>10} {'vs fp32':>8} "
+          f"{'val bpb':>8} {'change':>8} {'tok/s B=1':>10} {f'tok/s B={batch}':>11}")
+    for policy, (max_len, ev, (speed_1, speed_n)) in rows.items():
+        change = 100 * (ev.bits_per_byte / full.bits_per_byte - 1)
+        print(f"{policy:<7} {min(max_len, ctx):>6} {size(ev.bytes_at_end / ctx):>9} {size(ev.bytes_at_end):>10} "
+              f"{size(ev.bytes_peak):>10} {full.bytes_at_end / ev.bytes_at_end:>7.2f}x {ev.bits_per_byte:>8.4f} "
+              f"{change:>+7.3f}% {speed_1:>10.0f} {speed_n:>11.0f}")
+    print("(KV bytes are per row, bookkeeping included; 'peak' is the most held after any forward on the way, "
+          "which for int8/int4 includes a part-filled full-precision residual)")
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def print_targets(rows, model, ctx: int, args) -> None:
+    print("\ntargets:")
+    full = rows["full"][1]
+    for policy, (max_worse, min_ratio) in TARGETS.items():
+        if policy in rows:
+            ev = rows[policy][1]
+            worse, ratio = 100 * (ev.bits_per_byte / full.bits_per_byte - 1), full.bytes_at_end / ev.bytes_at_end
+            print(f"  {policy}: bits per byte {worse:+.3f}% (target <= +{max_worse}%), KV memory {ratio:.2f}x "
+                  f"less than fp32 at context {ctx} (target >= {min_ratio}x; at the peak {full.bytes_at_end / ev.bytes_peak:.2f}x)"
+                  f" -> {verdict(worse <= max_worse and ratio >= min_ratio)}")
+    capacity = args.window_len or ctx // 2
+    stream = kvbench.stream_window(model, args.stream_factor * ctx, capacity, sinks=args.sinks)
+    print(f"  window: streamed {stream.tokens} tokens ({args.stream_factor}x the context of {ctx}) through a "
+          f"{capacity}-token window at {stream.tokens_per_s:.0f} tok/s; bytes held once full: "
+          f"{stream.bytes_min}..{stream.bytes_max} (target: flat) -> {verdict(stream.bytes_min == stream.bytes_max)}")
+    new_tokens = 16 if args.quick else 64
+    for batch in (1, args.batch):
+        reference, factor = RECOMPUTE_REFERENCE[1 if batch == 1 else 20]
+        cached = kvbench.decode_tokens_per_s(model, "full", batch, ctx - new_tokens, new_tokens)
+        recompute = kvbench.recompute_tokens_per_s(model, batch, ctx, steps=2 if args.quick or batch > 1 else 5)
+        print(f"  batch {batch} at context {ctx}: cached decode {cached:.0f} tok/s, recomputing the context every "
+              f"step {recompute:.1f} tok/s ({cached / recompute:.1f}x); target >= {factor}x the reference "
+              f"{reference:.0f} tok/s = {factor * reference:.0f} tok/s -> {verdict(cached >= factor * reference)}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
