@@ -1,0 +1,455 @@
+"""evolve.py: self-evolution of the agents' LoRA adapters over one frozen base, one generation per cycle.
+
+Cycle c (`Runner.cycle`):
+1. live: the agents act in the grid world for `--steps` ticks with online learning on (strategies
+   hybrid, gradient, meta), or fine-tune for `--steps` batched steps on text (`--env text`);
+2. evaluate: every agent on fresh world seeds with learning off, beside the oracle and random policies
+   on the same seeds (fitness = food delivered per step + a small survival term, h2q/evolve/world.py),
+   or on fixed held-out text (fitness = -bits per byte);
+3. record: OUT/cycle_NNN/agent_MM/ adapters, population.json (lineage), metrics.jsonl, evolution_stats.json
+   (the run folder format of notes/evolve_format.md);
+4. breed: h2q/evolve/evolution.py `next_generation` (elites pass on, the rest are children);
+5. save the resume state: OUT/state/evolve_state.safetensors (bank, meta adapter; lineage, best-fitness
+   history and cycle in its metadata) and one OUT/state/env_cNNN_rK.safetensors per process (optimizer
+   moments and baselines of its learner), each atomic, the main file last.
+
+Determinism: every random stream of cycle c (world seeds, policy sampling, batches, selection, mutation)
+is seeded afresh from (seed, c, purpose, process) with numpy's SeedSequence, so the random state at a
+cycle boundary is the cycle number itself, and `--resume` replays the rest of an interrupted run exactly
+as if it had never stopped. A kill or Ctrl-C mid-cycle loses that cycle only: on resume, records past
+the saved cycle are dropped and the cycle is run again.
+
+Under `torchrun --nproc_per_node K` (gloo on CPU) each process owns a contiguous share of the agents
+and a world of its own for them: it copies their slots out of the shared bank, lives and evaluates
+them, and the slots and figures are summed back over processes (all_reduce of zero-filled tensors);
+rank 0 alone records, selects and breeds, then broadcasts the bank and the lineage (JSON as bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from h2q import checkpoint
+from h2q.cli import UserError, add_dataclass_flags, dataclass_from_args, resolve_device, run_main
+from h2q.config import PRESETS
+from h2q.evolve.evolution import LEARNS, BreedConfig, Evaluation, Population, diversity, next_generation
+from h2q.evolve.text_env import TextConfig
+from h2q.lora import AdapterBank, LoraConfig, freeze_base
+from h2q.model import Transformer
+
+RUN_ROOT = Path("checkpoints/evolve")
+STATE_DIR, STATE_FILE = "state", "evolve_state.safetensors"
+PURPOSES = {"init": 1, "live": 2, "eval": 3, "breed": 4}
+DEFAULT_STEPS = {"grid": 200, "text": 20}
+# flags that may change between a run and its --resume
+RESUMABLE = {"cycles", "resume", "report", "render", "progress", "device", "out", "keep_cycles"}
+
+
+def _flag(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class EvolveConfig:
+    base: str = _flag("checkpoints/base", "base checkpoint folder; 'random' = an untrained base of --preset")
+    preset: str = _flag("mini", "model size of --base random", choices=list(PRESETS))
+    out: str | None = _flag(None, "run folder (default checkpoints/evolve/run-NNN, the next free number; "
+                            "with --resume the newest)")
+    cycles: int = _flag(10, "generations to run in all (with --resume: up to this many)")
+    agents: int = _flag(20, "population size")
+    steps: int = _flag(0, "per cycle: world ticks of life (grid) or fine-tuning steps (text); 0 = 200 / 20")
+    eval_episodes: int = _flag(2, "grid: fresh world seeds each agent is scored on per cycle")
+    env: str = _flag("grid", "grid world or text self-evolution on --data-dir", choices=["grid", "text"])
+    lora_rank: int = _flag(8, "adapter rank (the starting rank with --adaptive-rank)")
+    lora_alpha: float = _flag(16.0, "LoRA alpha (update scale alpha/r)")
+    lr: float = _flag(1e-3, "online learning rate (each agent's starting one under --pbt)")
+    temperature: float = _flag(1.0, "policy sampling temperature (each agent's starting one under --pbt)")
+    quant: str = _flag("none", "quantize the base in memory", choices=["none", "int8", "int4"])
+    kv: str = _flag("full", "KV-cache policy of the agents' policy", choices=["full", "int8", "int4", "window", "h2o"])
+    seed: int = _flag(0, "random seed: the same seed gives the same run")
+    device: str = _flag("auto", "auto, cpu or cuda")
+    render: bool = _flag(False, "draw the world during each life (rank 0)")
+    resume: bool = _flag(False, "continue the run in --out from its last completed cycle")
+    report: bool = _flag(False, "write OUT/report/report.html at the end (needs matplotlib)")
+    keep_cycles: int = _flag(0, "keep only the newest K cycle_NNN adapter folders (0 = all)")
+    progress: bool = _flag(True, "show a progress bar per cycle")
+
+    def __post_init__(self):
+        for name in ("cycles", "agents", "eval_episodes", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0 or self.keep_cycles < 0:
+            raise UserError("--steps and --keep-cycles must be >= 0")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise UserError("--lr and --temperature must be > 0")
+
+    @property
+    def life_steps(self) -> int:
+        return self.steps or DEFAULT_STEPS[self.env]
+
+
+def seed_for(seed: int, cycle: int, purpose: str, rank: int = 0) -> int:
+    """A 63-bit seed for one random stream of one cycle (see the module docstring)."""
+    state = np.random.SeedSequence([seed, cycle, PURPOSES[purpose], rank]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) | (int(state[1]) >> 1)
+
+
+class Group:
+    """This process's place among the torchrun processes (a group of 1 without torchrun)."""
+
+    def __init__(self, device: torch.device):
+        self.size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        if self.size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def share(self, n: int) -> tuple[int, int]:
+        """This rank's agent slots [lo, hi): contiguous, sizes differing by at most one."""
+        if n < self.size:
+            raise UserError(f"--agents {n} is fewer than the {self.size} processes; use at least one agent each")
+        bounds = np.linspace(0, n, self.size + 1).round().astype(int)
+        return int(bounds[self.rank]), int(bounds[self.rank + 1])
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(t)
+        return t
+
+    def broadcast_json(self, obj):
+        """Rank 0's JSON-able object on every rank (sent as UTF-8 bytes, never pickled)."""
+        if self.size == 1:
+            return obj
+        payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8) if self.rank == 0 else None
+        length = torch.tensor([len(payload) if payload is not None else 0])
+        dist.broadcast(length, 0)
+        buf = payload if payload is not None else torch.empty(int(length), dtype=torch.uint8)
+        dist.broadcast(buf, 0)
+        return json.loads(bytes(buf.tolist()).decode())
+
+    def barrier(self):
+        if self.size > 1:
+            dist.barrier()
+
+
+def load_base(cfg: EvolveConfig, device: torch.device) -> Transformer:
+    """The frozen base: a checkpoint (float or quantized) or, for --base random, an untrained model;
+    quantized in memory by --quant."""
+    if cfg.base == "random":
+        torch.manual_seed(cfg.seed)
+        model = Transformer(PRESETS[cfg.preset]).to(device)
+    else:
+        path = checkpoint.resolve_model_file(cfg.base)
+        if not path.exists():
+            raise UserError(f"no base model at {path}: run `python train.py` first (or try --base random "
+                            f"--preset tiny|mini|small for a quick untrained run)")
+        model, _ = checkpoint.load_model(cfg.base, device)
+    model.fingerprint = checkpoint.fingerprint(model)
+    if cfg.quant != "none":
+        from h2q.quant import quant_scheme, quantize
+        scheme = quant_scheme(model)
+        if scheme is None:
+            sizes = (model.config.d_model, model.config.mlp_hidden)
+            group = next((g for g in (64, 32) if all(s % g == 0 for s in sizes)), None)
+            if cfg.quant == "int4" and group is None:
+                raise UserError(f"--quant int4 needs widths divisible by 32, this base has {sizes}; use --quant int8")
+            quantize(model, cfg.quant, group_size=group or 64)
+        elif scheme.mode != cfg.quant:
+            raise UserError(f"{cfg.base} is already quantized as {scheme.mode}; pass --quant {scheme.mode} or none")
+    return freeze_base(model).eval()
+
+
+def resolve_out(cfg: EvolveConfig) -> Path:
+    """--out, else checkpoints/evolve/run-NNN: the next free number (the newest with --resume)."""
+    if cfg.out:
+        return Path(cfg.out)
+    numbers = [int(m.group(1)) for p in RUN_ROOT.glob("run-*") if (m := re.fullmatch(r"run-(\d+)", p.name))]
+    if cfg.resume:
+        if not numbers:
+            raise UserError(f"--resume: no run under {RUN_ROOT}/ to continue; start without --resume")
+        return RUN_ROOT / f"run-{max(numbers):03d}"
+    return RUN_ROOT / f"run-{max(numbers, default=0) + 1:03d}"
+
+
+def cycle_dir(out: Path, cycle: int) -> Path:
+    return out / f"cycle_{cycle:03d}"
+
+
+class Runner:
+    """One evolve run in one process: base, population, this process's environment, records."""
+
+    def __init__(self, cfg: EvolveConfig, breed: BreedConfig, text: TextConfig):
+        self.cfg, self.breed = cfg, breed
+        self.device = resolve_device(cfg.device)
+        self.group = Group(self.device)
+        self.lead = self.group.rank == 0
+        self.model = load_base(cfg, self.device)
+        self.out = Path(self.group.broadcast_json(str(resolve_out(cfg))))
+        lora_config = LoraConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha)
+        init = torch.Generator().manual_seed(seed_for(cfg.seed, 0, "init"))
+        self.population = Population.initial(self.model.config, lora_config, cfg.agents, breed.bank_rank(cfg.lora_rank),
+                                             cfg.lr, cfg.temperature, breed.mutation_rate, init,
+                                             meta=breed.strategy == "meta").to(self.device)
+        self.lo, self.hi = self.group.share(cfg.agents)
+        bank = self.population.bank
+        self.local = bank if self.group.size == 1 else \
+            AdapterBank(self.model.config, bank.config, self.hi - self.lo, init=False).to(self.device)
+        self.env = self._make_env(text)
+        self.config = {**asdict(cfg), **asdict(breed), **({"text": asdict(text)} if cfg.env == "text" else {}),
+                       "steps": cfg.life_steps, "bank_rank": bank.config.r, "model_config": self.model.config.to_dict(),
+                       "base_fingerprint": self.model.fingerprint, "world_size": self.group.size}
+        self.history: list[dict] = []  # per cycle: best fitness and its agent
+        self.done = 0
+        if cfg.resume:
+            self._load_state()
+        elif self.lead:
+            if (self.out / STATE_DIR / STATE_FILE).exists():
+                raise UserError(f"{self.out} already holds an evolve run; continue it with --resume or choose another --out")
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            checkpoint.atomic_write_json(self.out / "config.json", self.config)
+
+    def _make_env(self, text: TextConfig):
+        if self.cfg.env == "text":
+            from h2q.evolve.text_env import TextEnv
+            return TextEnv(self.model, self.local, text, self.device, log=print if self.lead else (lambda *a, **k: None))
+        from h2q.evolve.grid_env import GridEnv
+        from h2q.evolve.world import Renderer, WorldConfig
+        render = Renderer() if self.cfg.render and self.lead else None
+        return GridEnv(self.model, self.local, WorldConfig(steps=self.cfg.life_steps), self.cfg.eval_episodes,
+                       self.cfg.kv, render)
+
+    # -- moving agents between the shared bank and this process's ------------------------------------
+    def _pull(self) -> None:
+        if self.local is not self.population.bank:
+            with torch.no_grad():
+                for mine, shared in zip(self.local.parameters(), self.population.bank.parameters()):
+                    mine.copy_(shared[self.lo:self.hi])
+
+    def _push(self) -> None:
+        if self.local is not self.population.bank:
+            with torch.no_grad():
+                for mine, shared in zip(self.local.parameters(), self.population.bank.parameters()):
+                    full = torch.zeros_like(shared)
+                    full[self.lo:self.hi] = mine
+                    shared.copy_(self.group.sum_(full))
+
+    def _gather(self, values) -> np.ndarray:
+        full = torch.zeros(self.cfg.agents, dtype=torch.float64)
+        full[self.lo:self.hi] = torch.as_tensor(np.asarray(values, dtype=np.float64))
+        return self.group.sum_(full).numpy()
+
+    def _gather_evaluation(self, ev: Evaluation) -> Evaluation:
+        share = (self.hi - self.lo) / self.cfg.agents
+        totals = {k: float(self.group.sum_(torch.tensor(v, dtype=torch.float64))) for k, v in ev.totals.items()}
+        refs = {k: float(self.group.sum_(torch.tensor(v * share, dtype=torch.float64))) for k, v in ev.references.items()}
+        return Evaluation(self._gather(ev.fitness), {k: self._gather(v) for k, v in ev.per_agent.items()}, totals, refs)
+
+    # -- one cycle -------------------------------------------------------------------------------------
+    def cycle(self, c: int) -> dict | None:
+        cfg, pop, rank = self.cfg, self.population, self.group.rank
+        start = time.perf_counter()
+        learns = LEARNS[self.breed.strategy]
+        agents = pop.agents[self.lo:self.hi]
+        self._pull()
+        bar = tqdm(total=self.env.ticks(cfg.life_steps, learns), desc=f"cycle {c}/{cfg.cycles}", unit="tick",
+                   leave=False, dynamic_ncols=True, disable=not (self.lead and cfg.progress and not cfg.render))
+        life = self.env.live(agents, cfg.life_steps, seed_for(cfg.seed, c, "live", rank), bar.update) if learns else {}
+        self._push()
+        ev = self._gather_evaluation(self.env.evaluate(agents, seed_for(cfg.seed, c, "eval", rank), bar.update))
+        life = {k: self._gather(v) for k, v in life.items()}
+        bar.close()
+        record, replaced = None, []
+        if self.lead:
+            pop.record_fitness(ev.fitness)
+            self._save_cycle(c)
+            spread = diversity(pop.bank)
+            breeding = torch.Generator().manual_seed(seed_for(cfg.seed, c, "breed"))
+            rng = np.random.default_rng(seed_for(cfg.seed, c, "breed"))
+            best_slot = int(np.argmax(ev.fitness))
+            best_id = pop.agents[best_slot].id
+            replaced = next_generation(pop, ev.fitness, self.breed, c, breeding, rng)
+            record = self._record(c, ev, life, spread, best_id, time.perf_counter() - start)
+        self._share_population(replaced)
+        self.env.reset_slots([s - self.lo for s in replaced if self.lo <= s < self.hi])
+        self._save_state(c)
+        return record
+
+    def _share_population(self, replaced: list[int]) -> list[int]:
+        """Rank 0's bank, meta adapter and lineage on every rank."""
+        if self.group.size == 1:
+            return replaced
+        pop = self.population
+        with torch.no_grad():
+            for p in [*pop.bank.parameters(), *(pop.meta.parameters() if pop.meta is not None else [])]:
+                dist.broadcast(p.data, 0)
+        shared = self.group.broadcast_json({"lineage": pop.lineage_state(), "replaced": replaced})
+        pop.load(shared["lineage"])
+        replaced[:] = shared["replaced"]
+        return replaced
+
+    # -- records (rank 0) ------------------------------------------------------------------------------
+    def _save_cycle(self, c: int) -> None:
+        folder = cycle_dir(self.out, c)
+        for slot in range(self.population.n):
+            self.population.adapter(slot).save(folder / f"agent_{slot:02d}", self.model)
+        checkpoint.atomic_write_json(self.out / "population.json", self.population.to_json(c))
+        if self.cfg.keep_cycles:
+            for old in range(1, c - self.cfg.keep_cycles + 1):
+                shutil.rmtree(cycle_dir(self.out, old), ignore_errors=True)
+
+    def _record(self, c: int, ev: Evaluation, life: dict, spread: float, best_id: str, wall: float) -> dict:
+        f = ev.fitness
+        previous = self.history[-1]["best"] if self.history else None
+        self.history.append({"cycle": c, "best": float(f.max()), "agent": best_id})
+        record = {"cycle": c, "best": float(f.max()), "median": float(np.median(f)), "mean": float(f.mean()),
+                  "worst": float(f.min()), **ev.references}
+        for key, values in ev.per_agent.items():
+            if key == "bpb":
+                record.update(best_bpb=float(values.min()), median_bpb=float(np.median(values)))
+            else:
+                record.update({f"best_{key}": float(values.max()), f"median_{key}": float(np.median(values)),
+                               f"mean_{key}": float(values.mean())})
+        record.update({k: int(round(v)) for k, v in ev.totals.items()})
+        if "delivered" in life:
+            record["live_food_delivered"] = int(life["delivered"].sum())
+        if "train_loss" in life:
+            record["train_bpb"] = float(np.mean(life["train_loss"]) / np.log(2))
+        ranks = [a.rank for a in self.population.agents]
+        record.update(diversity=spread, improvement=0.0 if previous is None else float(f.max()) - previous,
+                      mean_rank=float(np.mean(ranks)), wall_s=round(wall, 3), strategy=self.breed.strategy, env=self.cfg.env)
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        checkpoint.atomic_write_json(self.out / "evolution_stats.json", self.stats())
+        return record
+
+    def stats(self) -> dict:
+        """evolution_stats.json: cycle 1 sets the first best and counts as neither success nor failure;
+        after it a cycle succeeds when its best beats the previous cycle's best. average_improvement is
+        the mean of that change over cycles 2.. (the net trend per cycle)."""
+        bests = [h["best"] for h in self.history]
+        changes = np.diff(bests) if len(bests) > 1 else np.zeros(0)
+        top = max(self.history, key=lambda h: h["best"]) if self.history else {"best": None, "agent": None}
+        return {"total_evolution_cycles": len(bests), "successful_cycles": int((changes > 0).sum()),
+                "failed_cycles": int((changes <= 0).sum()),
+                "average_improvement": float(changes.mean()) if len(changes) else 0.0,
+                "best_fitness": top["best"], "best_agent": top["agent"], "best_cycle": top.get("cycle")}
+
+    # -- resume state ----------------------------------------------------------------------------------
+    def _save_state(self, c: int) -> None:
+        folder = self.out / STATE_DIR
+        checkpoint.save_tensors(folder / f"env_c{c:03d}_r{self.group.rank}.safetensors", self.env.state_tensors(),
+                                {"cycle": str(c)})
+        self.group.barrier()
+        if self.lead:
+            meta = {"cycle": str(c), "world_size": str(self.group.size), "history": json.dumps(self.history),
+                    "lineage": json.dumps(self.population.lineage_state())}
+            checkpoint.save_tensors(folder / STATE_FILE, self.population.tensors(), meta)
+            for old in folder.glob("env_c*_r*.safetensors"):
+                if int(old.name[len("env_c"):].split("_")[0]) < c:
+                    old.unlink(missing_ok=True)
+        self.group.barrier()
+        self.done = c
+
+    def _load_state(self) -> None:
+        folder = self.out / STATE_DIR
+        if not (folder / STATE_FILE).exists():
+            raise UserError(f"--resume: no evolve state in {self.out}; start without --resume")
+        saved = json.loads((self.out / "config.json").read_text(encoding="utf-8"))
+        changed = sorted(k for k in self.config if k not in RESUMABLE and saved.get(k) != self.config[k])
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {self.config[k]!r}" for k in changed[:4])
+            raise UserError(f"--resume: settings differ from the run in {self.out} ({diffs}); resume with the same flags")
+        tensors, meta = checkpoint.read_tensors(folder / STATE_FILE, "evolve state")
+        c = int(meta["cycle"])
+        self.population.load(json.loads(meta["lineage"]), {k: v.to(self.device) for k, v in tensors.items()})
+        self.history = json.loads(meta["history"])
+        env_state, _ = checkpoint.read_tensors(folder / f"env_c{c:03d}_r{self.group.rank}.safetensors", "learner state")
+        self.env.load_state_tensors(env_state)
+        self.done = c
+        self.group.barrier()
+        if self.lead:
+            metrics = self.out / "metrics.jsonl"
+            kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["cycle"] <= c] if metrics.exists() else []
+            checkpoint.atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+            for folder_ in self.out.glob("cycle_*"):
+                if folder_.name[6:].isdigit() and int(folder_.name[6:]) > c:
+                    shutil.rmtree(folder_, ignore_errors=True)
+        self.group.barrier()
+
+
+def summary_line(record: dict, cycles: int) -> str:
+    if "best_pct_oracle" in record:
+        score = (f"best {record['best']:.4f} ({record['best_pct_oracle']:.0f}% of oracle) | median "
+                 f"{record['median']:.4f} ({record['median_pct_oracle']:.0f}%) | food {record['food_delivered']} "
+                 f"| deaths {record['deaths']}")
+    else:
+        score = f"best {record['best_bpb']:.4f} bits/byte | median {record['median_bpb']:.4f} | base {record['base_bpb']:.4f}"
+    return (f"cycle {record['cycle']}/{cycles} | {score} | diversity {record['diversity']:.3g} | "
+            f"{record['wall_s']:.1f} s")
+
+
+def evolve(cfg: EvolveConfig, breed: BreedConfig, text: TextConfig, on_cycle=None) -> dict:
+    """Run (or resume) an evolve run; returns a summary. `on_cycle(cycle, record)` is called after
+    each completed cycle (tests use it to interrupt)."""
+    runner = Runner(cfg, breed, text)
+    interrupted = False
+    if runner.lead:
+        where = f"{runner.group.size} processes" if runner.group.size > 1 else str(runner.device)
+        print(f"evolving {cfg.agents} agents ({breed.strategy}, env {cfg.env}) on {where}: cycles "
+              f"{runner.done + 1}..{cfg.cycles} into {runner.out}")
+    try:
+        for c in range(runner.done + 1, cfg.cycles + 1):
+            record = runner.cycle(c)
+            if runner.lead:
+                tqdm.write(summary_line(record, cfg.cycles))
+            if on_cycle is not None:
+                on_cycle(c, record)
+    except KeyboardInterrupt:
+        interrupted = True
+        if runner.lead:
+            print(f"interrupted: cycles up to {runner.done} are saved in {runner.out}; continue with --resume")
+    if runner.lead and cfg.report and not interrupted:
+        write_report(runner.out)
+    return {"out": str(runner.out), "cycles": runner.done, "interrupted": interrupted,
+            **(runner.stats() if runner.lead else {})}
+
+
+def write_report(out: Path) -> None:
+    try:
+        from h2q.report import write_report as report
+    except ImportError:
+        print("report: h2q.report is not available in this install; skipped")
+        return
+    try:
+        print(f"report: {report(out)}")
+    except UserError as e:
+        print(f"report: {e}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="evolve.py", description="Self-evolution of the agents' LoRA adapters: "
+                                     "live (online learning), evaluate, select and breed, once per cycle.")
+    add_dataclass_flags(parser, EvolveConfig)
+    add_dataclass_flags(parser, BreedConfig, "evolution")
+    add_dataclass_flags(parser, TextConfig, "text env (--env text)")
+    args = parser.parse_args(argv)
+    summary = evolve(dataclass_from_args(EvolveConfig, args), dataclass_from_args(BreedConfig, args),
+                     dataclass_from_args(TextConfig, args))
+    return 130 if summary["interrupted"] else 0
+
+
+def cli():
+    sys.exit(run_main(main))

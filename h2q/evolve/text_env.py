@@ -1,0 +1,163 @@
+"""`--env text`: the original design's offline self-evolution over a local knowledge base. Every agent's
+adapter fine-tunes for a cycle on passages of `--data-dir` (h2q.data.load_corpus / get_batch), and its
+fitness is minus its bits per byte on held-out text.
+
+All agents train in one batched forward/backward: a batch holds `batch` windows per agent, row b bound
+to bank slot b // batch (AdapterBank.bind, BGMV-style), and the loss is the sum over agents of each
+agent's mean cross-entropy, so a slot's gradient is exactly that of its own loss. The optimizer is
+AdamW over the bank (`BankAdamW`) with a learning rate per agent: AdamW's update is linear in the
+learning rate (decoupled decay included), so one step at lr 1 followed by scaling each slot's change
+by its own lr is exactly a per-slot AdamW step; PBT changes those rates between cycles.
+
+Evaluation uses fixed held-out windows (evenly spaced over the validation split, the same every cycle),
+each replicated once per agent, so agents compare on identical text; the base alone (slot -1) gives
+the reference `base_bpb`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from h2q import data
+from h2q.cli import UserError
+from h2q.evolve.evolution import Agent, Evaluation
+from h2q.lora import AdapterBank
+
+EVAL_CHUNK = 4  # held-out windows per forward (times the number of agents in rows)
+
+
+def _flag(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TextConfig:
+    data_dir: str | None = _flag(None, "text env: folder of text (none = the default corpus of this Python installation)")
+    data_root: str = _flag("data", "text env: where prepared corpora are cached")
+    text_batch: int = _flag(2, "text env: passages per agent per step")
+    text_block: int = _flag(128, "text env: passage length in bytes")
+    eval_windows: int = _flag(16, "text env: held-out passages every agent is scored on")
+    weight_decay: float = _flag(0.0, "text env: AdamW decoupled weight decay of the adapters")
+
+
+class BankAdamW:
+    """AdamW over an AdapterBank with one learning rate per slot and per-slot state reset."""
+
+    def __init__(self, bank: AdapterBank, weight_decay: float = 0.0, betas=(0.9, 0.99)):
+        self.bank = bank
+        self.params = list(bank.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=1.0, betas=betas, weight_decay=weight_decay, foreach=True)
+
+    def step(self, lrs: torch.Tensor) -> None:
+        """One AdamW step with slot i at learning rate lrs[i] (gradients already in .grad)."""
+        before = [p.detach().clone() for p in self.params]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, old in zip(self.params, before):
+                scale = lrs.to(p.device, p.dtype).view(-1, *[1] * (p.dim() - 1))  # (n, 1, 1)
+                p.copy_(old + (p - old) * scale)
+
+    def reset_slots(self, slots) -> None:
+        """Forget the moments of `slots` (their adapters were replaced)."""
+        slots = list(slots)
+        if not slots:
+            return
+        for p in self.params:
+            state = self.optimizer.state.get(p)
+            for key in ("exp_avg", "exp_avg_sq"):
+                if state and key in state:
+                    state[key][slots] = 0
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, p in enumerate(self.params):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                out[f"{i}.{key}"] = torch.as_tensor(value)
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            i, key = k.split(".", 1)
+            state.setdefault(int(i), {})[key] = v
+        groups = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+class TextEnv:
+    """The text environment of one process over its bank of agents: corpus, optimizer, fixed
+    held-out windows and the base's own score."""
+
+    def __init__(self, model, bank: AdapterBank, cfg: TextConfig, device, log=print):
+        if cfg.text_batch < 1 or cfg.eval_windows < 1:
+            raise UserError("--text-batch and --eval-windows must be >= 1")
+        self.model, self.bank, self.cfg, self.device = model, bank, cfg, device
+        self.block = min(cfg.text_block, model.config.context_len)
+        self.corpus = data.load_corpus(cfg.data_dir, self.block, root=cfg.data_root, log=log)
+        self.optimizer = BankAdamW(bank, cfg.weight_decay)
+        self.eval_count = min(EVAL_CHUNK * math.ceil(cfg.eval_windows / EVAL_CHUNK), len(self.corpus.val) - self.block)
+        self.base_bpb = float(self._bpb(None, 1)[0])
+
+    def ticks(self, steps: int, learns: bool) -> int:
+        """Progress units of one cycle: optimizer steps plus evaluation forwards."""
+        return steps * learns + math.ceil(self.eval_count / EVAL_CHUNK)
+
+    def live(self, agents: list[Agent], steps: int, seed: int, tick) -> dict[str, np.ndarray]:
+        """`steps` batched AdamW steps for every agent, each at its own lr; -> mean training loss
+        (nats per byte) per agent."""
+        bank, b = self.bank, self.cfg.text_batch
+        n = bank.n
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.arange(n, device=self.device).repeat_interleave(b)  # (n * b,): row -> slot
+        lrs = torch.tensor([a.lr for a in agents], dtype=torch.float32)
+        total = torch.zeros(n, dtype=torch.float64)
+        bank.train()
+        for _ in range(steps):
+            x, y = data.get_batch(self.corpus.train, n * b, self.block, generator, self.device)  # (n*b, T)
+            logits = self.model(x, adapters=bank.bind(index))  # (n*b, T, V)
+            per_row = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            per_agent = per_row.view(n, b * self.block).mean(1)  # (n,)
+            per_agent.sum().backward()
+            self.optimizer.step(lrs)
+            total += per_agent.detach().double().cpu()
+            tick()
+        bank.eval()
+        return {"train_loss": (total / max(steps, 1)).numpy()}
+
+    def evaluate(self, agents: list[Agent], seed: int, tick) -> Evaluation:
+        """Fitness = minus held-out bits per byte, on the same windows for every agent and cycle."""
+        bpb = self._bpb(self.bank, self.bank.n, tick)
+        return Evaluation(fitness=-bpb, per_agent={"bpb": bpb}, totals={}, references={"base_bpb": self.base_bpb})
+
+    @torch.no_grad()
+    def _bpb(self, bank: AdapterBank | None, n: int, tick=None) -> np.ndarray:
+        """Bits per byte of every slot of `bank` (or of the base alone, n = 1) on the held-out windows."""
+        nats = torch.zeros(n, dtype=torch.float64)
+        count = 0
+        starts = np.linspace(0, len(self.corpus.val) - self.block - 1, self.eval_count).round().astype(np.int64)
+        for i in range(0, self.eval_count, EVAL_CHUNK):
+            x, y = data.windows_to_batch(self.corpus.val, starts[i:i + EVAL_CHUNK], self.block, self.device)  # (w, T)
+            w = x.shape[0]
+            x, y = x.repeat(n, 1), y.repeat(n, 1)  # (n * w, T): agent-major
+            slots = torch.arange(n, device=self.device).repeat_interleave(w)
+            logits = self.model(x, adapters=bank.bind(slots) if bank is not None else None)  # (n * w, T, V)
+            per_row = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            nats += per_row.view(n, w * self.block).sum(1).double().cpu()  # (n,)
+            count += w * self.block
+            if tick is not None:
+                tick()
+        return (nats / count / math.log(2)).numpy()
+
+    def reset_slots(self, slots) -> None:
+        self.optimizer.reset_slots(slots)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.optimizer.state_tensors()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.optimizer.load_state_tensors(tensors)
