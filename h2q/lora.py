@@ -154,8 +154,7 @@ class LoraAdapter(_LoraFactors):
         if i is None or self._merged_into is not None:  # merged: W already holds the update
             return y
         h = F.linear(self._dropout(x), self.lora_A[i].to(x.dtype)) * self.scaling  # (..., r)
-        delta = F.linear(h, self.lora_B[i].to(x.dtype))  # (..., out)
-        return y + delta if torch.is_grad_enabled() else y.add_(delta)  # serving: in place, as BoundBank
+        return y.add_(F.linear(h, self.lora_B[i].to(h.dtype)))  # in place: see BoundBank
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors under their file keys, e.g. 'layers.0.attn.q_proj.lora_A'."""
@@ -327,8 +326,8 @@ class AdapterBank(_LoraFactors):
 
 class BoundBank:
     """Batched multi-adapter LoRA (BGMV-style): per linear, gather each row's A and B, then two bmm's,
-    x (B, T, in) @ A^T (B, in, r) @ B^T (B, r, out), added onto y in the same call (baddbmm). No
-    per-row weight delta is formed. Rows with index -1 gather slot 0 and are scaled by exactly 0, so
+    x (B, T, in) @ A^T (B, in, r) @ B^T (B, r, out), the second accumulating into y in place
+    (baddbmm_). No per-row weight delta is formed. Rows with index -1 gather slot 0 and are scaled by exactly 0, so
     they add nothing and send no gradient to slot 0."""
 
     def __init__(self, bank: AdapterBank, index):
@@ -345,13 +344,12 @@ class BoundBank:
             return y
         assert x.shape[0] == self.rows.shape[0], f"batch of {x.shape[0]} rows bound to {self.rows.shape[0]} slots"
         A = self.bank.lora_A[j].index_select(0, self.rows).to(x.dtype)  # (B, r, in)
-        B = self.bank.lora_B[j].index_select(0, self.rows).to(x.dtype)  # (B, out, r)
+        B = self.bank.lora_B[j].index_select(0, self.rows)  # (B, out, r)
         h = torch.bmm(self.bank._dropout(x), A.transpose(1, 2)) * self.row_scale.to(x.dtype)  # (B, T, r)
-        if torch.is_grad_enabled():
-            return torch.baddbmm(y, h, B.transpose(1, 2))  # (B, T, out)
-        # serving: accumulate into the linear's fresh output instead of copying 4 MB-sized activations
-        # per linear (~8% of a `small` forward on CPU); nothing can have saved y for a backward here
-        return y.baddbmm_(h, B.transpose(1, 2))  # (B, T, out)
+        # accumulate into the linear's fresh output y rather than copy it (~8% of a `small` forward on
+        # CPU); y's producer saves its input, not y, for backward (autograd would refuse otherwise).
+        # y's dtype rules: under autocast y and h are bf16 while x and the factors are fp32
+        return y.baddbmm_(h.to(y.dtype), B.to(y.dtype).transpose(1, 2))  # (B, T, out)
 
 
 # -- arithmetic for evolution ------------------------------------------------------------------------

@@ -30,18 +30,18 @@ from h2q.model import Transformer  # noqa: E402
 MB = 1e6
 
 
-def median_seconds(fns: dict, warmup: int, repeats: int) -> dict[str, float]:
-    """Median wall time of each function; the functions take turns, so load from other processes
-    on shared cores falls on all of them alike."""
+def median_seconds(fns: dict, warmup: int, repeats: int, clock=time.perf_counter) -> dict[str, float]:
+    """Median time of each function; the functions take turns, so load from other processes on
+    shared cores falls on all of them alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -75,9 +75,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=15, help="timed runs, median reported (default: 15)")
     parser.add_argument("--quick", action="store_true", help="1 warm-up and 3 timed runs: a smoke test")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or this process's CPU time (steadier on busy shared cores; with "
+                             "--threads 1 it equals wall time on an idle machine) (default: wall)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.quick:
         args.warmup, args.repeats = 1, 3
     if args.random:
@@ -101,14 +105,14 @@ def main(argv=None) -> int:
     x, y = ids[:, :-1], ids[:, 1:]  # (n, T) each
     index = torch.arange(n)
     print(f"{source}: {model.config}; {n} adapters of rank {args.rank} over {','.join(cfg.target_names)}; "
-          f"batch {n} x {T} bytes; {torch.get_num_threads()} threads; median of {args.repeats}")
+          f"batch {n} x {T} bytes; {torch.get_num_threads()} threads; median {args.clock} time of {args.repeats}")
 
     with torch.inference_mode():
         secs = median_seconds({
             "plain": lambda: model(x),
             "batched": lambda: model(x, adapters=bank.bind(index)),
             "sequential": lambda: [model(x[i:i + 1], adapters=singles[i]) for i in range(n)],
-        }, args.warmup, args.repeats)
+        }, args.warmup, args.repeats, clock)
 
     def train_step(net, opt, adapters):
         loss = F.cross_entropy(net(x, adapters=adapters).flatten(0, 1), y.flatten())
@@ -123,7 +127,7 @@ def main(argv=None) -> int:
     secs.update(median_seconds({
         "adapter_step": lambda: train_step(model, bank_opt, bank.bind(index)),
         "full_step": lambda: train_step(full, full_opt, None),
-    }, args.warmup, args.repeats))
+    }, args.warmup, args.repeats, clock))
     t_plain, t_batched, t_sequential = secs["plain"], secs["batched"], secs["sequential"]
     t_adapter_step, t_full_step = secs["adapter_step"], secs["full_step"]
 

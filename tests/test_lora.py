@@ -348,3 +348,17 @@ def test_over_h2q_int8_base(model, ids):
         out = model(ids, adapters=bank.bind([1, 0, -1, 0]))
         assert (out[1] - model(ids[1:2], adapters=adapter)[0]).abs().max() <= 1e-5
         assert (out[2] - model(ids[2:3])[0]).abs().max() <= 1e-5
+
+
+def test_bf16_autocast_train_and_serve(model, ids):
+    """Under autocast the linears' outputs are bf16 while x and the factors stay fp32."""
+    lora.freeze_base(model)
+    adapter = trained(model)
+    bank = AdapterBank.from_adapters([adapter, trained(model, seed=1)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(ids, adapters=adapter)
+        model(ids, adapters=bank.bind([0, 1, -1, 0])).float().logsumexp(-1).mean().backward()
+        with torch.inference_mode():
+            out = model(ids, adapters=bank.bind([0, 0, 0, 0]))
+    assert all(p.grad is not None for p in bank.parameters())
+    assert (out.float() - expected.float()).abs().max() <= 0.02 * expected.float().abs().max()  # bf16 rounding
