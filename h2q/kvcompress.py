@@ -194,7 +194,7 @@ class EvictingCache(KVCache):
         self.k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(self.n_layer)]  # pre-rotary
         self.v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(self.n_layer)]
         meta = (self.n_layer, batch_size, self.n_head, max_len) if self.per_head else (1, batch_size, 1, max_len)
-        self.time = torch.full(meta, -1, dtype=torch.long, device=self.device)  # stream position per slot
+        self.time = torch.full(meta, -1, dtype=torch.int32, device=self.device)  # stream position per slot
         self.alive = torch.zeros(meta, dtype=torch.bool, device=self.device)  # slot holds a real token
         self.max_chunk = max_len - protected  # tokens one forward may add
         self.prefill_chunk = max(1, self.max_chunk // 2)
@@ -224,7 +224,7 @@ class EvictingCache(KVCache):
         angles and the mask for the bookkeeping set `meta` (a layer, or 0 when layers share it)."""
         time, alive = self.time[meta], self.alive[meta]  # (B, H, C)
         B, H, C = time.shape
-        new_time = self._new_positions(T)[:, None, :].expand(B, H, T)  # (B, H, T)
+        new_time = self._new_positions(T).int()[:, None, :].expand(B, H, T)  # (B, H, T)
         slots = self._priority(meta).topk(T, dim=-1, largest=False).indices  # (B, H, T)
         if self._new_valid is None:
             time.scatter_(-1, slots, new_time)
@@ -234,7 +234,7 @@ class EvictingCache(KVCache):
             time.scatter_(-1, slots, torch.where(real, new_time, time.gather(-1, slots)))
             alive.scatter_(-1, slots, real | alive.gather(-1, slots))
         # position inside the cache: rank by stream position among the row's live tokens
-        order = torch.where(alive, time, torch.iinfo(torch.long).max).argsort(-1)  # (B, H, C)
+        order = torch.where(alive, time, torch.iinfo(time.dtype).max).argsort(-1)  # (B, H, C)
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(C, device=self.device).expand(B, H, C))
         rotation = angles(rotary, rank.view(B * H, C)).view(B, H, C, -1)  # (B, H, C, hs/2)
         at_slots = slots[..., None].expand(B, H, T, rotation.shape[-1])  # (B, H, T, hs/2)

@@ -1,4 +1,4 @@
-"""Benchmark KV-cache policies: `python scripts/bench_kv.py [--ckpt checkpoints/base | --preset small --random] [--quick]`.
+"""Benchmark KV-cache policies: `python scripts/bench_kv.py [--ckpt DIR | --preset small --random] [--quick]`.
 
 For each policy (full, int8, int4, window, h2o): KV bytes per token and in total at the full context
 (and the most held at any point on the way), validation bits per byte with every byte read through a
@@ -77,6 +77,19 @@ def policy_options(args, ctx) -> dict[str, dict]:
             "h2o": {"max_len": args.h2o_len or ctx // 2}}
 
 
+def check_flags(args, ctx: int) -> None:
+    for flag in ("windows", "chunk", "group", "batch", "stream_factor", "threads", "ctx"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    for flag in ("window_len", "h2o_len"):
+        value = getattr(args, flag)
+        if value is not None and not args.sinks + 2 <= value <= ctx:
+            raise UserError(f"--{flag.replace('_', '-')} must be in [{args.sinks + 2}, {ctx}], got {value}")
+    if args.sinks < 0 or args.sinks + 2 > ctx // 2:
+        raise UserError(f"--sinks must be in [0, {ctx // 2 - 2}], got {args.sinks}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -84,11 +97,14 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     model = load(args, device)
     ctx = min(args.ctx or model.config.context_len, 64 if args.quick else model.config.context_len)
+    check_flags(args, ctx)
     chosen = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = set(chosen) - set(policies())
     if unknown or "full" not in chosen:
         raise UserError(f"--policies must include 'full' and name only {', '.join(policies())}")
     val = validation_bytes(args, ctx)
+    if len(val) < ctx + 1:
+        raise UserError(f"the validation text has {len(val)} bytes, fewer than one window of {ctx + 1}")
     x, y = kvbench.eval_windows(val, ctx, 2 if args.quick else args.windows)
     prompt_len, new_tokens = (ctx // 2, 16) if args.quick else (ctx // 2, ctx // 2)
     print(f"model {model.config}, {torch.get_num_threads()} threads, context {ctx}, {x.shape[0]} windows "
@@ -138,8 +154,9 @@ def print_targets(rows, model, ctx: int, args) -> None:
         if policy in rows:
             ev = rows[policy][1]
             worse, ratio = 100 * (ev.bits_per_byte / full.bits_per_byte - 1), full.bytes_at_end / ev.bytes_at_end
+            peak_ratio = full.bytes_at_end / ev.bytes_peak
             print(f"  {policy}: bits per byte {worse:+.3f}% (target <= +{max_worse}%), KV memory {ratio:.2f}x "
-                  f"less than fp32 at context {ctx} (target >= {min_ratio}x; at the peak {full.bytes_at_end / ev.bytes_peak:.2f}x)"
+                  f"less than fp32 at context {ctx} (target >= {min_ratio}x; at the peak {peak_ratio:.2f}x)"
                   f" -> {verdict(worse <= max_worse and ratio >= min_ratio)}")
     capacity = args.window_len or ctx // 2
     stream = kvbench.stream_window(model, args.stream_factor * ctx, capacity, sinks=args.sinks)
