@@ -1,0 +1,223 @@
+"""infer.py: reproducible one-shot output, the REPL driven through a pipe, a conversation that keeps its
+KV cache across turns (and trims or streams when full), streaming that never splits a character, the
+demo, clear errors, and the air gap."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from h2q import infer
+from h2q.checkpoint import save_model
+from h2q.cli import run_main
+from h2q.config import PRESETS
+from h2q.infer import Conversation, InferConfig, Session, one_shot, resolve_adapter
+from h2q.lora import LoraAdapter, LoraConfig
+from h2q.model import Transformer
+from h2q.tokenizer import EOT, encode
+
+ROOT = Path(__file__).resolve().parents[1]
+MULTIBYTE = "héllo wörld, 世界 🙂!\n\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Byte-at-a-time decoding of a tiny model is fastest on one thread, above all on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny base model and, beside it, an adapter folder and an evolve run with two agents."""
+    root = tmp_path_factory.mktemp("infer")
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny"]).eval()
+    save_model(root / "base", model)
+    for i, folder in enumerate([root / "adapter", root / "run" / "cycle_002" / "agent_00",
+                                root / "run" / "cycle_002" / "agent_01"]):
+        adapter = LoraAdapter(model, LoraConfig(r=2), generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            for b in adapter.lora_B:
+                b.normal_(0, 0.5, generator=torch.Generator().manual_seed(10 + i))
+        adapter.save(folder, model)
+    (root / "run" / "cycle_001").mkdir()
+    agents = [{"id": "a0003", "slot": 1, "rank": 2, "fitness": [-1.0, -2.5]},
+              {"id": "a0007", "slot": 0, "rank": 2, "fitness": [-1.5]}]
+    (root / "run" / "population.json").write_text(json.dumps({"cycle": 2, "agents": agents, "history": agents}))
+    return root
+
+
+def run_infer(*args, stdin: str | bytes = b"", script=("infer.py",)):
+    """Run a script; stdout and stderr come back decoded (odd bytes as U+FFFD)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    result = subprocess.run([sys.executable, *script, *args], input=data, capture_output=True, cwd=ROOT,
+                            env=env, timeout=120)
+    result.stdout, result.stderr = (b.decode("utf-8", "replace") for b in (result.stdout, result.stderr))
+    return result
+
+
+def session(ckpt, **kw):
+    return Session(InferConfig(ckpt=str(ckpt / "base"), device="cpu", **{"seed": 0, **kw}))
+
+
+def scripted_sampler(text: str):
+    """A fake sample_next that ignores the logits and emits `text`'s bytes one at a time, then EOT."""
+    script = iter(list(text.encode()) + [EOT] * 1000)
+    seen = []
+
+    def sample(logits, *args, **kwargs):
+        seen.append(logits.detach().clone())
+        return torch.full(logits.shape[:-1], next(script), dtype=torch.long)
+    sample.seen = seen
+    return sample
+
+
+class Chunks:
+    """A stream that records every write."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def write(self, text):
+        self.chunks.append(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+def test_one_shot_is_reproducible_with_a_seed(ckpt):
+    args = ("--ckpt", str(ckpt / "base"), "--prompt", "The ", "--max-new-tokens", "24", "--seed", "7",
+            "--top-k", "50", "--device", "cpu")
+    first = run_infer(*args)
+    second = run_infer(*args[:2], "--prompt", "-", *args[4:], stdin="The ")  # the same prompt from stdin
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout
+    assert "bytes/s" in first.stderr and "bytes/s" not in first.stdout  # figures on stderr only
+
+
+def test_repl_through_a_pipe(ckpt):
+    commands = ["/help", "hello there", "/temp 0.5", "/temp abc", "/topk -3", "/topp 2", "/max 12", "/seed 3",
+                "/frobnicate", "/quant int8", "and again", "/quant int4", "/kv window", "", "/kv nope",
+                f"/adapter {ckpt / 'adapter'}", "with an adapter", "/adapter a0003", "/adapter 0",
+                "/adapter a9999", "/adapter none", "/stats", "/reset", "/quit now", "é\udcff odd bytes"]
+    result = run_infer("--ckpt", str(ckpt / "base"), "--interactive", "--max-new-tokens", "20", "--seed", "1",
+                       "--group-size", "32", "--run", str(ckpt / "run"), "--device", "cpu",
+                       stdin="\n".join(commands).encode("utf-8", "surrogateescape"))
+    out = result.stdout
+    assert result.returncode == 0, result.stderr  # EOF ends it without /quit
+    assert "Traceback" not in out + result.stderr
+    assert "text continuer" in out  # the banner says what the model is
+    assert all(name in out for name in ("/temp X", "/adapter AGENT_ID", "/kv full|int8|int4|window|h2o"))
+    assert "temperature 0.5" in out and "usage: /temp X" in out
+    assert "top-k must be >= 0" in out and "top-p must be in (0, 1]" in out
+    assert "max_new_tokens 12" in out and "seed 3" in out
+    assert "unknown command /frobnicate" in out
+    assert "weights int8" in out and "weights int4" in out and "kv window" in out
+    assert "error: KV policy 'nope'" in out
+    assert f"adapter {ckpt / 'adapter'}, rank 2" in out
+    assert "adapter a0003 (slot 1, cycle_002" in out and "adapter a0007 (slot 0, cycle_002" in out
+    assert "'a9999' is neither an adapter folder nor a living agent" in out
+    assert "adapter none" in out and "kv cache: window" in out and "[new conversation]" in out
+    assert "usage: /quit (no argument)" in out
+
+
+def test_conversation_keeps_its_cache_across_turns(ckpt, monkeypatch):
+    """Each turn prefills only its new bytes, and every step's logits equal a fresh forward over the
+    whole text (so the kept cache holds exactly the conversation)."""
+    s = session(ckpt, max_new_tokens=8)
+    chat = Conversation(s, "full")
+    sampler = scripted_sampler("ab\n\nxyz")  # reply 1 ends at a blank line, reply 2 at EOT
+    monkeypatch.setattr(infer, "sample_next", sampler)
+    first = chat.reply(b"hi", lambda t: None)
+    assert first.ended == "blank line" and first.prefill_tokens == 1 + len(b"hi\n")
+    second = chat.reply(b"yo", lambda t: None)
+    assert second.prefill_tokens == 1 + len(b"yo\n")  # the last sampled byte, then the new turn only
+    assert bytes(second.ids) == b"xyz" and second.ended == "end of text"
+    text = [EOT, *encode("hi\nab\n\nyo\nxyz")]
+    steps = [len(encode("hi\n")), len(encode("hi\na")), len(encode("hi\nab")), len(encode("hi\nab\n")),
+             len(encode("hi\nab\n\nyo\n")), len(encode("hi\nab\n\nyo\nx")), len(encode("hi\nab\n\nyo\nxy")),
+             len(encode("hi\nab\n\nyo\nxyz"))]
+    with torch.no_grad():
+        for seen, n in zip(sampler.seen, steps):
+            expected = s.model(torch.tensor([text[:n + 1]]))[:, -1]
+            assert torch.allclose(seen[:, :256], expected[:, :256], atol=1e-4)
+
+
+def test_full_context_trims_oldest_turns_once_and_window_streams_on(ckpt, monkeypatch):
+    said = []
+    s = session(ckpt, max_new_tokens=10)
+    monkeypatch.setattr(infer, "sample_next", scripted_sampler("0123456789" * 100))
+    chat = Conversation(s, "full")
+    for i in range(8):
+        reply = chat.reply(f"turn {i}".encode(), lambda t: None, said.append)
+        assert len(reply.ids) == 10 and len(chat.tokens) <= s.config.context_len
+    assert len(said) == 1 and "oldest text is dropped" in said[0]
+    assert chat.tokens[:2] == [EOT, ord("t")] and b"turn 7" in bytes(t for t in chat.tokens if t < 256)
+    for _ in range(6):  # an empty line: the model goes on from the newest bytes, past the context
+        before = list(chat.tokens)
+        assert len(chat.reply(None, lambda t: None, said.append).ids) == 10
+        kept = chat.tokens[:-10]
+        kept = kept[1:] if kept[0] == EOT else kept  # whole turns restart the document
+        assert kept == before[len(before) - len(kept):] and len(chat.tokens) <= s.config.context_len
+    said.clear()
+    chat = Conversation(s, "window", max_len=32)
+    for i in range(8):
+        assert len(chat.reply(f"turn {i}".encode(), lambda t: None, said.append).ids) == 10
+    assert len(said) == 1 and "keeps streaming" in said[0] and len(chat.tokens) > 32
+
+
+def test_streaming_never_splits_a_character(ckpt, monkeypatch):
+    s = session(ckpt, max_new_tokens=40)
+    repl_out = Chunks()
+    monkeypatch.setattr(infer, "sample_next", scripted_sampler(MULTIBYTE))
+    Conversation(s, "full").reply(b"go", infer.stream_to(repl_out))
+    oneshot_out = Chunks()
+    monkeypatch.setattr("h2q.generate.sample_next", scripted_sampler(MULTIBYTE))
+    s.cfg.prompt = "go"
+    one_shot(s, out=oneshot_out, err=Chunks())
+    for out in (repl_out, oneshot_out):
+        assert "".join(out.chunks) == MULTIBYTE
+        assert all("\ufffd" not in c for c in out.chunks)
+        assert len(out.chunks) == len(MULTIBYTE)  # one write per character, as soon as it is whole
+
+
+def test_adapter_resolution(ckpt):
+    assert resolve_adapter("none") is None
+    folder, label = resolve_adapter("A0007", str(ckpt / "run"))
+    assert folder == ckpt / "run" / "cycle_002" / "agent_00" and label.startswith("a0007 (slot 0")
+    assert resolve_adapter("1", str(ckpt / "run"))[0].name == "agent_01"
+
+
+def test_demo_runs_and_shows_tables_and_agents(ckpt):
+    result = run_infer("--ckpt", str(ckpt / "base"), "--mode", "demo", "--max-new-tokens", "12",
+                       "--group-size", "32", "--run", str(ckpt / "run"), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for row in ("fp32", "int8", "int4", "full", "window (16 slots)", "h2o (16 slots)"):
+        assert row in out
+    assert "a0007 (slot 0, fitness -1.5)" in out and "a0003 (slot 1, fitness -2.5)" in out
+    assert "Traceback" not in out + result.stderr
+
+
+def test_no_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    assert run_main(infer.main, ["--ckpt", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "python train.py" in err
+
+
+def test_air_gapped_one_shot(ckpt):
+    result = run_infer("infer.py", "--ckpt", str(ckpt / "base"), "--prompt", "air gap", "--max-new-tokens", "8",
+                       "--seed", "0", "--kv", "int8", "--quant", "int8", "--device", "cpu",
+                       script=("tests/airgap.py",))
+    assert result.returncode == 0, result.stderr
+    assert "bytes/s" in result.stderr
