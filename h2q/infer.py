@@ -4,16 +4,17 @@
 `--interactive` opens the REPL and `--mode demo` a guided tour (both in h2q/chat.py). They share:
 
 * `Session`: the checkpoint's float weights, loaded once and kept; the variant in use (the float model,
-  or an int8/int4 copy quantized from the kept weights by h2q/quant.py, so `/quant` never re-reads the
-  disk); the LoRA adapter on top (h2q/lora.py, applied unmerged, so it also runs over a quantized base
-  as in QLoRA). An adapter is a folder, or an agent of an evolve run (notes/evolve_format.md:
+  or an int8/int4 copy quantized from the kept weights by h2q/quant.py, made once per mode, so `/quant`
+  never re-reads the disk); the LoRA adapter on top (h2q/lora.py, applied unmerged, so it also runs
+  over a quantized base as in QLoRA). An adapter is a folder, or an agent of an evolve run (layout
   OUT/cycle_NNN/agent_MM/), named by id (`a0013`, via OUT/population.json) or slot number, taken from
   the newest cycle of `--run` or of the newest run under checkpoints/evolve/.
 * `Conversation`: a byte-level base model continues text, it was never taught to chat, so a
   conversation is one running document: EOT (a document starts), then per turn the user's line and a
   newline, then the model's continuation up to a blank line (or /max bytes, or EOT). `reply` prefills
   only the new bytes into the cache, decodes byte by byte with h2q.generate.sample_next and keeps the
-  cache, so earlier turns are never recomputed. When a slot cache (full/int8/int4) has no room for
+  cache, so earlier turns are never recomputed (h2q.generate.generate makes a fresh cache per call,
+  hence this loop of its own over the same prefill and sampler). When a slot cache (full/int8/int4) has no room for
   the next turn plus a reply, the oldest turns are dropped and the rest is re-read, said once; the
   evicting policies (window, h2o) stream on. New weights (/quant, /adapter), a new policy or a Ctrl-C
   in mid-forward make the next reply rebuild the cache from the text.
@@ -151,6 +152,7 @@ class Session:
         self.device = resolve_device(cfg.device)
         self.float_model, self.metadata = load_model(cfg.ckpt, self.device)
         self.model = self.float_model
+        self.quantized = {}  # (mode, group size) -> a copy quantized from the float weights, made once
         self.adapter, self.adapter_label = None, "none"
         self.set_quant(cfg.quant)
         self.set_adapter(cfg.adapter)
@@ -167,10 +169,13 @@ class Session:
                 raise UserError(f"{self.cfg.ckpt} is already quantized ({describe(self.float_model)}); "
                                 f"load the float checkpoint to choose another quantization")
             return
+        key = (mode, self.cfg.group_size if mode == "int4" else None)
         if mode == "none":
             self.model = self.float_model
-        else:  # from the kept float weights; the previous quantized copy is dropped
-            self.model = quantize(copy.deepcopy(self.float_model), mode, self.cfg.group_size)
+        elif key in self.quantized:
+            self.model = self.quantized[key]
+        else:
+            self.model = self.quantized[key] = quantize(copy.deepcopy(self.float_model), mode, self.cfg.group_size)
         self.cfg.quant = mode
 
     def set_adapter(self, spec: str) -> None:

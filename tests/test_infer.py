@@ -221,3 +221,18 @@ def test_air_gapped_one_shot(ckpt):
                        script=("tests/airgap.py",))
     assert result.returncode == 0, result.stderr
     assert "bytes/s" in result.stderr
+
+
+def test_quant_switches_come_from_the_kept_float_weights(ckpt, monkeypatch):
+    s = session(ckpt, group_size=32)
+    before = {k: v.clone() for k, v in s.float_model.state_dict().items()}
+    monkeypatch.setattr(infer, "load_model", lambda *a, **k: pytest.fail("re-read the checkpoint"))
+    s.set_quant("int4")
+    int4 = s.model
+    s.set_quant("int8")
+    assert s.model is not s.float_model and "int8" in s.weights_label()
+    s.set_quant("int4")
+    assert s.model is int4  # quantized once per mode
+    s.set_quant("none")
+    assert s.model is s.float_model
+    assert all(torch.equal(v, before[k]) for k, v in s.float_model.state_dict().items())
