@@ -1,8 +1,10 @@
 """KV caches: cached decoding equals recomputation, ragged batches equal rows run alone, a shared
 prefix equals an unshared one, compressed policies stay within their documented error, memory
 accounting matches the tensors held."""
+import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,3 +230,19 @@ def test_bad_arguments_raise():
             tiny_model()(random_ids(1, 5), cache=cache)
     with pytest.raises(ValueError, match="prefix"):
         FullCache(CFG, 2, 8, "cpu", torch.float32, prefix=make_cache("full", CFG, 2, 8))
+
+
+def test_bits_per_byte_through_full_cache_equals_plain_evaluation():
+    """The benchmark's teacher-forced path: one token per forward through `full` gives the plain
+    forward's bits per byte, on windows cut evenly from the whole byte array (the last one at its end)."""
+    from h2q import kvbench
+
+    model = tiny_model()
+    val = np.frombuffer(bytes(random_ids(400, seed=4).tolist()) + b"\x00" + b"tail" * 20, dtype=np.uint8)
+    x, y = kvbench.eval_windows(val, CFG.context_len, 3)
+    assert x.shape == (3, CFG.context_len) and int(y[-1, -1]) == ord("l")
+    through_cache = kvbench.cache_bits_per_byte(model, "full", x, y, batch=2)
+    with torch.inference_mode():
+        plain = torch.nn.functional.cross_entropy(model(x).transpose(1, 2), y).item() / math.log(2)
+    assert abs(through_cache.bits_per_byte - plain) <= 1e-4
+    assert through_cache.bytes_at_end == through_cache.bytes_peak == make_cache("full", CFG, 1, 64).nbytes
