@@ -156,7 +156,7 @@ TINY = ["--base", "random", "--preset", "tiny", "--agents", "4", "--steps", "6",
 
 
 def run_script(args, cwd, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # tiny models: threads only add waiting
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -225,15 +225,16 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     evolve(config(b, 2, resume=True), BreedConfig(pbt=True), TextConfig())
 
     def records(run):
-        return [{k: v for k, v in json.loads(line).items() if k != "wall_s"}
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
                 for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     assert records(tmp_path / "a") == records(b)
     for name in ("population.json", "evolution_stats.json"):
         assert (tmp_path / "a" / name).read_text() == (b / name).read_text()
-    for slot in range(4):
-        a_file = tmp_path / "a" / "cycle_002" / f"agent_{slot:02d}" / lora.ADAPTER_FILE
-        assert a_file.read_bytes() == (b / "cycle_002" / f"agent_{slot:02d}" / lora.ADAPTER_FILE).read_bytes()
+    for slot in range(4):  # bit for bit (the files' bytes are not: safetensors orders metadata by hash)
+        name = Path("cycle_002") / f"agent_{slot:02d}" / lora.ADAPTER_FILE
+        straight, resumed = load_file(str(tmp_path / "a" / name)), load_file(str(b / name))
+        assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_torchrun_two_processes(tmp_path):

@@ -54,7 +54,7 @@ STATE_DIR, STATE_FILE = "state", "evolve_state.safetensors"
 PURPOSES = {"init": 1, "live": 2, "eval": 3, "breed": 4}
 DEFAULT_STEPS = {"grid": 200, "text": 20}
 # flags that may change between a run and its --resume
-RESUMABLE = {"cycles", "resume", "report", "render", "progress", "device", "out", "keep_cycles"}
+RESUMABLE = {"cycles", "resume", "report", "render", "progress", "device", "out", "keep_cycles", "threads"}
 
 
 def _flag(default, help, **kw):
@@ -80,6 +80,7 @@ class EvolveConfig:
     kv: str = _flag("full", "KV-cache policy of the agents' policy", choices=["full", "int8", "int4", "window", "h2o"])
     seed: int = _flag(0, "random seed: the same seed gives the same run")
     device: str = _flag("auto", "auto, cpu or cuda")
+    threads: int = _flag(0, "torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy CPU")
     render: bool = _flag(False, "draw the world during each life (rank 0)")
     resume: bool = _flag(False, "continue the run in --out from its last completed cycle")
     report: bool = _flag(False, "write OUT/report/report.html at the end (needs matplotlib)")
@@ -90,8 +91,8 @@ class EvolveConfig:
         for name in ("cycles", "agents", "eval_episodes", "lora_rank"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.steps < 0 or self.keep_cycles < 0:
-            raise UserError("--steps and --keep-cycles must be >= 0")
+        if self.steps < 0 or self.keep_cycles < 0 or self.threads < 0:
+            raise UserError("--steps, --keep-cycles and --threads must be >= 0")
         if self.lr <= 0 or self.temperature <= 0:
             raise UserError("--lr and --temperature must be > 0")
 
@@ -191,6 +192,8 @@ class Runner:
 
     def __init__(self, cfg: EvolveConfig, breed: BreedConfig, text: TextConfig):
         self.cfg, self.breed = cfg, breed
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         self.group = Group(self.device)
         self.lead = self.group.rank == 0
@@ -267,7 +270,9 @@ class Runner:
                    leave=False, dynamic_ncols=True, disable=not (self.lead and cfg.progress and not cfg.render))
         life = self.env.live(agents, cfg.life_steps, seed_for(cfg.seed, c, "live", rank), bar.update) if learns else {}
         self._push()
+        lived = time.perf_counter()
         ev = self._gather_evaluation(self.env.evaluate(agents, seed_for(cfg.seed, c, "eval", rank), bar.update))
+        phases = {"live_s": round(lived - start, 3), "eval_s": round(time.perf_counter() - lived, 3)}
         life = {k: self._gather(v) for k, v in life.items()}
         bar.close()
         record, replaced = None, []
@@ -280,7 +285,7 @@ class Runner:
             best_slot = int(np.argmax(ev.fitness))
             best_id = pop.agents[best_slot].id
             replaced = next_generation(pop, ev.fitness, self.breed, c, breeding, rng)
-            record = self._record(c, ev, life, spread, best_id, time.perf_counter() - start)
+            record = self._record(c, ev, life, spread, best_id, {**phases, "wall_s": round(time.perf_counter() - start, 3)})
         self._share_population(replaced)
         self.env.reset_slots([s - self.lo for s in replaced if self.lo <= s < self.hi])
         self._save_state(c)
@@ -309,7 +314,7 @@ class Runner:
             for old in range(1, c - self.cfg.keep_cycles + 1):
                 shutil.rmtree(cycle_dir(self.out, old), ignore_errors=True)
 
-    def _record(self, c: int, ev: Evaluation, life: dict, spread: float, best_id: str, wall: float) -> dict:
+    def _record(self, c: int, ev: Evaluation, life: dict, spread: float, best_id: str, times: dict) -> dict:
         f = ev.fitness
         previous = self.history[-1]["best"] if self.history else None
         self.history.append({"cycle": c, "best": float(f.max()), "agent": best_id})
@@ -328,7 +333,7 @@ class Runner:
             record["train_bpb"] = float(np.mean(life["train_loss"]) / np.log(2))
         ranks = [a.rank for a in self.population.agents]
         record.update(diversity=spread, improvement=0.0 if previous is None else float(f.max()) - previous,
-                      mean_rank=float(np.mean(ranks)), wall_s=round(wall, 3), strategy=self.breed.strategy, env=self.cfg.env)
+                      mean_rank=float(np.mean(ranks)), **times, strategy=self.breed.strategy, env=self.cfg.env)
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         checkpoint.atomic_write_json(self.out / "evolution_stats.json", self.stats())
