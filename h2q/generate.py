@@ -4,7 +4,10 @@
 prefill the prompts into a cache of the chosen policy (h2q/kvcache.py) and then decode one byte per
 step, each step a single forward of one token per row. A row stops at its first stop token (not
 returned) or after `max_new_tokens`; finished rows ride along as PAD, masked out, until every row is
-done. `adapters` goes to every forward unchanged.
+done. `adapters` goes to every forward unchanged. Pass `cache=` to continue a cache you keep (a
+shared-prefix cache of agents, say; rewind it with `cache.truncate` afterwards); otherwise a cache of
+`cache_policy` is made, sized for the prompt and the new tokens (full/int8/int4 refuse to run past
+the model's context; window/h2o hold the context's worth of tokens and stream on).
 
 `sample_next` is the one sampler: temperature scaling, top-k (Fan et al. 2018), then nucleus top-p
 (Holtzman et al. 2020), then one multinomial draw from `generator`; temperature 0 is greedy argmax.
