@@ -5,7 +5,9 @@ N agents (default 20), each its own rank-8 adapter, each with one 64-byte sequen
   the same batch with no adapters (the overhead of serving N agents at once);
 * bytes per adapter, for all N, and base + N adapters with an fp32 base and an int8 base;
 * one adapter-only training step (frozen base, one optimizer over the bank) vs a full-model step.
-Timings are medians of --repeats runs after --warmup runs; forwards under torch.inference_mode.
+Timings are medians of --repeats runs after --warmup runs, the variants taking turns; forwards under
+torch.inference_mode. On cores shared with other work, `--threads 1 --clock cpu` gives steadier figures
+(oversubscribed OpenMP threads inflate the many small LoRA ops far more than the big matmuls).
 """
 from __future__ import annotations
 
