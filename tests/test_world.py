@@ -103,7 +103,10 @@ def test_observation_format():
     w.energy[:] = 7.2
     assert bytes(w.observe()[0]) == b"E08 +...W hN. fEN>N"
     w.pos[:] = [1, 1]
-    assert bytes(w.observe()[0]) == b"E08 +N..W h** fE.>*"
+    assert bytes(w.observe()[0]) == b"E08 +N..W h** fE.>@"
+    w.carrying[0] = False
+    w.pos[:] = [5, 1]
+    assert bytes(w.observe()[0]) == b"E08 -N... hW. f**>*"
 
 
 def test_deterministic_under_seed():

@@ -23,11 +23,15 @@ without a Python loop over agents, e.g. `E80 +N..W hSW fNE>S`:
     N..W   adjacent walls in the order N S E W (the letter = wall that way, `.` = open)
     hSW    direction to home: main axis first, then the other axis (`.` when aligned); `**` = here
     fNE    direction to the nearest food within `view` (Chebyshev); `--` = none visible
-    >S     direction to the current target, the main axis of home (if carrying) or of the food:
-           `*` = standing on it, `?` = no target
+    >S     the current target, home when carrying, else the nearest visible food: the main axis
+           of its direction, `*` = standing on food (pick it up), `@` = home with food (drop it),
+           `?` = no food in view
 
-The target's direction is last because the last byte before the action decides most of it: the
-policy mostly has to copy it (or `P`/`D` on `*`). Directions are compass letters; y grows south.
+The target is last, and its byte alone names the right action most of the time (copy a direction,
+`P` on `*`, `D` on `@`): the byte right before the action is what a frozen random-init base passes
+to the head most directly, so the adapter learns this mapping first; the walls and the second axis
+refine it. There is no "Action:" cue: the observation's last byte is where the action follows,
+which keeps the 20-row decision forward short. Directions are compass letters; y grows south.
 
 Reward (for learning; shaped, documented): +`deliver_reward` per food dropped at home,
 +`pick_reward` per food picked up, +`shaping` per cell moved closer (Manhattan) to the target held
@@ -197,6 +201,8 @@ class World:
         target_cols = np.where(self.carrying[:, None], obs[:, COL_HOME:COL_HOME + 2], obs[:, COL_FOOD:COL_FOOD + 2])
         has_target = self.carrying | visible
         obs[has_target, COL_TARGET] = target_cols[has_target, 0]
+        on_target = has_target & (obs[:, COL_TARGET] == ord("*"))
+        obs[on_target & self.carrying, COL_TARGET] = ord("@")
         return obs
 
     # ---- dynamics -------------------------------------------------------------------------------
@@ -283,7 +289,7 @@ class RandomPolicy:
 
 
 class OraclePolicy:
-    """Scripted greedy policy that reads only the observation bytes: drop at home, pick up on food,
+    """Scripted greedy policy that reads only the observation bytes: drop on `@`, pick up on `*`,
     eat when low, else step along the target's main axis, its other axis when walled, a random open
     side step when both are walled, and a random open direction when nothing is in view."""
 
@@ -312,9 +318,9 @@ class OraclePolicy:
         actions = np.where(second_ok, second, actions)
         first_ok = (first >= 0) & open_[rows, np.maximum(first, 0)]
         actions = np.where(first_ok, first, actions)
-        on_target = target == ord("*")
         actions = np.where(carrying & (energy < self.eat_below), EAT, actions)
-        actions = np.where(on_target, np.where(carrying, DROP, PICK), actions)
+        actions = np.where(target == ord("*"), PICK, actions)
+        actions = np.where(target == ord("@"), DROP, actions)
         return actions
 
 

@@ -1,0 +1,264 @@
+"""Online learning from reward: every agent's experience buffer, policy-gradient updates of all adapters
+in one batched backward over the AdapterBank, and the guard rails that keep a run alive.
+
+The update is REINFORCE with a baseline (Williams 1992) in PPO's clipped form (Schulman et al. 2017):
+
+* Each agent keeps its last `buffer` transitions: the context bytes it decided on (its observation,
+  plus its memory lines), the action, the shaped reward (h2q/evolve/world.py), the behaviour
+  log-prob. Returns are discounted (`gamma`) and stop at the agent's death or the episode's end.
+* Every `update_every` ticks, each agent trains on the transitions that just became `lag` ticks old
+  (their returns have seen `lag` later rewards; gamma**lag of the tail is missing) plus `replay`
+  random older ones. Advantages are the returns normalised per agent over its batch (mean baseline,
+  unit scale). Loss per agent: mean over its rows of -min(ratio * A, clip(ratio, 1 +- clip) * A)
+  - entropy * H(pi), ratio = pi_now / pi_behaviour, so replayed samples that the adapter has moved
+  away from stop pushing. Losses are summed over agents; since row b only reaches adapter index[b]
+  and the base is frozen, each agent's gradient comes from its own experience alone.
+* `BankAdam` steps the stacked adapter tensors with per-agent step counts, a per-agent gradient-norm
+  clip and a per-agent mask, so nothing couples agents (a global clip would).
+* Guard rails: an agent whose loss or gradient is not finite skips that update (weights and Adam
+  moments untouched) and the skip is logged; an agent whose weights come out non-finite is restored
+  from its last good copy and its moments are reset. The learning rate warms up linearly over the
+  first `warmup` updates.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from h2q.cli import UserError
+from h2q.evolve.agent import AgentPolicy
+from h2q.tokenizer import PAD
+
+log = logging.getLogger("h2q.evolve")
+
+
+def _flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class LearnerConfig:
+    lr: float = _flag(2e-3, "Adam learning rate of the adapters")
+    warmup: int = _flag(10, "updates of linear learning-rate warmup")
+    update_every: int = _flag(8, "ticks between updates")
+    lag: int = _flag(8, "a transition is trained on once this many later rewards are in its return")
+    replay: int = _flag(8, "older transitions replayed per agent and update")
+    buffer: int = _flag(256, "transitions kept per agent")
+    gamma: float = _flag(0.8, "discount of returns")
+    clip: float = _flag(0.2, "PPO ratio clip")
+    entropy: float = _flag(0.01, "entropy bonus weight")
+    grad_clip: float = _flag(1.0, "per-agent gradient norm clip (0 = off)")
+    seed: int = _flag(0, "seed of replay sampling")
+
+    def __post_init__(self):
+        if self.update_every < 1 or self.buffer < self.update_every + self.lag:
+            raise UserError(f"need update_every >= 1 and buffer >= update_every + lag, got {self.update_every}, "
+                            f"{self.buffer}, {self.lag}")
+        if not 0 <= self.gamma <= 1 or self.lr <= 0:
+            raise UserError(f"need 0 <= gamma <= 1 and lr > 0, got gamma {self.gamma}, lr {self.lr}")
+
+
+class BankAdam:
+    """Adam (Kingma & Ba 2015) over tensors whose leading dim is the agent, with per-agent step
+    counts: `step(active)` moves only active agents, the others' weights and moments stay bit-exact."""
+
+    def __init__(self, params: list[torch.Tensor], betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.betas, self.eps = params, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.steps = torch.zeros(params[0].shape[0], device=params[0].device)
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor, lr: float) -> None:
+        b1, b2 = self.betas
+        self.steps += active.float()
+        t = self.steps.clamp(min=1)
+        for p, m, v in zip(self.params, self.m, self.v):
+            per_agent = (-1,) + (1,) * (p.dim() - 1)  # broadcast (N,) over (N, ...)
+            on = active.view(per_agent)
+            g = p.grad
+            m.copy_(torch.where(on, b1 * m + (1 - b1) * g, m))
+            v.copy_(torch.where(on, b2 * v + (1 - b2) * g * g, v))
+            bc1, bc2 = (1 - b1 ** t).view(per_agent), (1 - b2 ** t).view(per_agent)
+            update = lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
+            p.sub_(torch.where(on, update, torch.zeros_like(update)))
+
+    def reset(self, agent: int) -> None:
+        for m, v in zip(self.m, self.v):
+            m[agent] = 0
+            v[agent] = 0
+        self.steps[agent] = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.m, *self.v, self.steps])
+
+
+@dataclass
+class Batch:
+    """Rows of one update: buffer slot and agent of each row, its return and normalised advantage."""
+    slot: np.ndarray
+    agent: np.ndarray
+    ret: np.ndarray
+    adv: np.ndarray
+
+
+class Learner:
+    """Feeds on `run_episode`'s transitions and updates `policy.bank` in place."""
+
+    def __init__(self, policy: AgentPolicy, cfg: LearnerConfig = LearnerConfig()):
+        if policy.cfg.temperature <= 0:
+            raise UserError("learning needs a sampling policy: temperature > 0")
+        self.policy, self.cfg, self.n = policy, cfg, policy.n
+        cap, n = cfg.buffer, self.n
+        self.context = np.full((cap, n, policy.context_width), PAD, dtype=np.int16)
+        self.action = np.zeros((cap, n), dtype=np.int64)
+        self.reward = np.zeros((cap, n))
+        self.logprob = np.zeros((cap, n))
+        self.valid = np.zeros((cap, n), dtype=bool)
+        self.done = np.zeros((cap, n), dtype=bool)
+        self.t = 0  # transitions recorded
+        self.params = list(policy.bank.parameters())
+        self.opt = BankAdam(self.params)
+        self.good = [p.detach().clone() for p in self.params]
+        self.rng = np.random.default_rng(cfg.seed)
+        self.updates = self.skipped = self.restored = 0
+        self.last: dict = {}
+
+    # ---- experience ------------------------------------------------------------------------------
+    def record(self, obs, actions, rewards, alive, done) -> None:
+        """One tick for all agents (the episode loop's learner protocol); updates when due."""
+        i = self.t % self.cfg.buffer
+        self.context[i] = self.policy.last_context
+        self.action[i], self.reward[i], self.logprob[i] = actions, rewards, self.policy.last_logprob
+        self.valid[i] = alive & np.isfinite(self.policy.last_logprob)
+        self.done[i] = done
+        self.t += 1
+        if self.t % self.cfg.update_every == 0 and self.t >= self.cfg.lag + self.cfg.update_every:
+            self.update()
+
+    def reset_agent(self, agent: int) -> None:
+        """Agent `agent` got a new adapter (e.g. from evolution): forget its experience and moments,
+        and take its current weights as its good copy."""
+        self.valid[:, agent] = False
+        self.opt.reset(agent)
+        with torch.no_grad():
+            for p, good in zip(self.params, self.good):
+                good[agent] = p[agent]
+
+    def select(self) -> Batch | None:
+        """This update's rows: per agent the transitions `lag` ticks old plus `replay` older ones."""
+        cfg = self.cfg
+        L = min(self.t, cfg.buffer)
+        order = (self.t - L + np.arange(L)) % cfg.buffer  # buffer slots, oldest first
+        returns = np.zeros((L, self.n))
+        running = np.zeros(self.n)
+        for k in range(L - 1, -1, -1):
+            s = order[k]
+            running = self.reward[s] + cfg.gamma * running * ~self.done[s]
+            returns[k] = running
+        age = L - 1 - np.arange(L)  # (L,)
+        valid = self.valid[order]  # (L, n)
+        fresh = valid & ((age >= cfg.lag) & (age < cfg.lag + cfg.update_every))[:, None]
+        older = valid & (age >= cfg.lag + cfg.update_every)[:, None]
+        keys = np.where(older, self.rng.random(older.shape), np.inf)  # (L, n)
+        picks = np.argsort(keys, axis=0)[:cfg.replay]  # (replay, n) time indices, random among older
+        replayed = np.zeros_like(older)
+        np.put_along_axis(replayed, picks, True, axis=0)
+        chosen = fresh | (replayed & older)
+        k_idx, agent = np.nonzero(chosen)
+        if len(agent) == 0:
+            return None
+        ret = returns[k_idx, agent]
+        count = np.bincount(agent, minlength=self.n)
+        mean = np.bincount(agent, ret, minlength=self.n) / np.maximum(count, 1)
+        var = np.bincount(agent, (ret - mean[agent]) ** 2, minlength=self.n) / np.maximum(count, 1)
+        adv = (ret - mean[agent]) / (np.sqrt(var[agent]) + 1e-6)
+        return Batch(slot=order[k_idx], agent=agent, ret=ret, adv=adv)
+
+    # ---- the update ------------------------------------------------------------------------------
+    def agent_losses(self, batch: Batch) -> torch.Tensor:
+        """Per-agent loss (n,) of a batch, in one forward over all rows; 0 for agents without rows."""
+        policy, cfg = self.policy, self.cfg
+        ids = self.context[batch.slot, batch.agent].astype(np.int64)  # (M, W)
+        real = ids != PAD
+        ids = ids[:, real.any(0).argmax():]  # drop columns that are padding in every row
+        ids_t = torch.as_tensor(ids, device=policy.device)
+        valid = ids_t != PAD
+        logp_all = policy.log_probs(policy.action_logits(ids_t, batch.agent, valid))  # (M, 8)
+        dev = logp_all.device
+        taken = torch.as_tensor(self.action[batch.slot, batch.agent], device=dev)
+        logp = logp_all.gather(1, taken[:, None]).squeeze(1)
+        ratio = (logp - torch.as_tensor(self.logprob[batch.slot, batch.agent], device=dev, dtype=torch.float32)).exp()
+        adv = torch.as_tensor(batch.adv, device=dev, dtype=torch.float32)
+        surrogate = torch.min(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        agent = torch.as_tensor(batch.agent, device=dev)
+        count = torch.bincount(agent, minlength=self.n).clamp(min=1).float()
+        per_row = -(surrogate + cfg.entropy * entropy) / count[agent]
+        self.last = {"entropy": float(entropy.detach().mean()), "rows": len(batch.agent)}
+        return torch.zeros(self.n, device=dev).index_add(0, agent, per_row)
+
+    def update(self) -> None:
+        batch = self.select()
+        if batch is None:
+            return
+        losses = self.agent_losses(batch)
+        self.apply(losses, has_rows=np.bincount(batch.agent, minlength=self.n) > 0)
+
+    def apply(self, losses: torch.Tensor, has_rows: np.ndarray) -> None:
+        """Backward of the per-agent losses and one guarded optimizer step."""
+        cfg = self.cfg
+        dev = losses.device
+        finite_loss = torch.isfinite(losses)
+        for p in self.params:
+            p.grad = None
+        torch.where(finite_loss, losses, torch.zeros_like(losses)).sum().backward()
+        sq = torch.zeros(self.n, device=dev)
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            sq += p.grad.float().pow(2).flatten(1).sum(1)
+        norm = sq.sqrt()
+        active = finite_loss & torch.isfinite(norm) & torch.as_tensor(has_rows, device=dev)
+        bad = (~(finite_loss & torch.isfinite(norm)) & torch.as_tensor(has_rows, device=dev)).nonzero().flatten()
+        if len(bad):
+            self.skipped += len(bad)
+            log.warning("update %d: non-finite loss or gradient for agents %s; their update is skipped",
+                        self.updates, bad.tolist())
+        scale = (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0) if cfg.grad_clip > 0 else torch.ones_like(norm)
+        scale = torch.where(active, scale, torch.zeros_like(scale))
+        with torch.no_grad():
+            for p in self.params:
+                p.grad = torch.nan_to_num(p.grad) * scale.view((-1,) + (1,) * (p.dim() - 1))
+        lr = cfg.lr * min(1.0, (self.updates + 1) / max(cfg.warmup, 1))
+        self.opt.step(active, lr)
+        self._restore_non_finite(active)
+        self.updates += 1
+        self.last.update(loss=float(torch.where(finite_loss, losses, 0).detach().sum()), lr=lr, active=int(active.sum()),
+                         grad_norm=float(norm[active].mean()) if bool(active.any()) else float("nan"))
+
+    @torch.no_grad()
+    def _restore_non_finite(self, active: torch.Tensor) -> None:
+        ok = torch.ones(self.n, dtype=torch.bool, device=active.device)
+        for p in self.params:
+            ok &= torch.isfinite(p).flatten(1).all(1)
+        for agent in (~ok).nonzero().flatten().tolist():
+            for p, good in zip(self.params, self.good):
+                p[agent] = good[agent]
+            self.opt.reset(agent)
+            self.restored += 1
+            log.warning("update %d: adapter %d had non-finite weights; restored its last good copy", self.updates, agent)
+        keep = (ok & active).view(-1)
+        for p, good in zip(self.params, self.good):
+            good[keep] = p[keep]
+        for p in self.params:
+            p.grad = None
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of the optimizer state (moments, good copies) and the experience buffers."""
+        buffers = sum(a.nbytes for a in (self.context, self.action, self.reward, self.logprob, self.valid, self.done))
+        good = sum(t.numel() * t.element_size() for t in self.good)
+        return {"optimizer": self.opt.nbytes() + good, "buffers": buffers}
