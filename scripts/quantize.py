@@ -32,7 +32,8 @@ def calibration_batches(data_dir, context_len: int, batches: int, batch_size: in
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", default="checkpoints/base", help="float checkpoint folder (default: checkpoints/base)")
+    parser.add_argument("--ckpt", default="checkpoints/base",
+                        help="float checkpoint folder (default: checkpoints/base)")
     parser.add_argument("--out", required=True, help="folder for the quantized checkpoint")
     add_dataclass_flags(parser, quant.QuantScheme, "scheme")
     calib = parser.add_argument_group("GPTQ calibration (with --gptq)")
