@@ -210,11 +210,20 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
-    """2 cycles straight == 1 cycle, a kill during cycle 2, --resume: same records and adapters."""
+@pytest.fixture
+def one_thread():
+    """evolve(threads=1) sets torch's threads for the process: give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, one_thread):
+    """2 cycles straight == 1 cycle, a kill during cycle 2, --resume: same records and adapters. Lives
+    of 12 ticks: the learner first updates at tick 16, so cycle 2 depends on its saved state."""
     def config(out, cycles, resume=False):
-        return EvolveConfig(base="random", preset="tiny", out=str(out), cycles=cycles, agents=4, steps=6,
-                            eval_episodes=1, lora_rank=2, device="cpu", progress=False, resume=resume)
+        return EvolveConfig(base="random", preset="tiny", out=str(out), cycles=cycles, agents=4, steps=12,
+                            eval_episodes=1, lora_rank=2, device="cpu", threads=1, progress=False, resume=resume)
 
     evolve(config(tmp_path / "a", 2), BreedConfig(pbt=True), TextConfig())
     evolve(config(tmp_path / "b", 1), BreedConfig(pbt=True), TextConfig())

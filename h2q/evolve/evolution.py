@@ -26,7 +26,8 @@ so each generation starts where learning went well: the population learns to lea
 
 PBT (`--pbt`, Jaderberg et al. 2017): every agent carries its own learning rate and sampling
 temperature. Children inherit the fitter parent's (exploit) and multiply each by pbt_factor or its
-inverse at random (explore). Under `gradient`, which breeds nothing, --pbt is plain PBT truncation:
+inverse at random (explore); the temperature only where the environment samples agents at their own
+(`temperatures=True`). Under `gradient`, which breeds nothing, --pbt is plain PBT truncation:
 the bottom elite_frac copy the adapter and hyperparameters of a random top-elite_frac agent, then explore.
 
 Adaptive rank (`--adaptive-rank`, the original design's adaptive compression): every agent has its own
@@ -314,12 +315,17 @@ def diversity(bank: AdapterBank) -> float:
 
 
 # -- one generation ----------------------------------------------------------------------------------
-def next_generation(population: Population, fitness, cfg: BreedConfig, cycle: int,
-                    generator: torch.Generator, rng: np.random.Generator) -> list[int]:
+def next_generation(population: Population, fitness, cfg: BreedConfig, cycle: int, generator: torch.Generator,
+                    rng: np.random.Generator, temperatures: bool = True) -> list[int]:
     """Replace the agents that do not pass on after cycle `cycle` was evaluated with `fitness` (one
     value per slot, higher is better). Children are born into cycle + 1. Returns the replaced slots
     (the caller resets their optimizer state). Every child is made before any slot is written, so a
-    parent is always read as it was evaluated."""
+    parent is always read as it was evaluated. temperatures=False: the environment samples every
+    agent at one temperature, so PBT leaves it alone."""
+    def hyper(parent: Agent) -> tuple[float, float]:
+        temperature = explore(parent.temperature, cfg, rng, TEMPERATURE_RANGE) if temperatures else parent.temperature
+        return explore(parent.lr, cfg, rng, LR_RANGE), temperature
+
     fitness = np.asarray(fitness, dtype=np.float64)
     n = population.n
     assert fitness.shape == (n,), f"one fitness per agent, got shape {fitness.shape}"
@@ -335,9 +341,7 @@ def next_generation(population: Population, fitness, cfg: BreedConfig, cycle: in
         replaced = sorted(order[n - n_elite:].tolist())
         for slot in replaced:
             source = population.agents[int(rng.choice(order[:n_elite]))]
-            born[slot] = (Agent(population.new_id(), slot, [source.id], cycle + 1, source.rank,
-                                explore(source.lr, cfg, rng, LR_RANGE),
-                                explore(source.temperature, cfg, rng, TEMPERATURE_RANGE)),
+            born[slot] = (Agent(population.new_id(), slot, [source.id], cycle + 1, source.rank, *hyper(source)),
                           population.adapter(source.slot))
     elif cfg.strategy == "meta":
         population.meta = reptile_step(population.meta, [population.bank.adapter(s) for s in order[:n_elite]],
@@ -345,8 +349,7 @@ def next_generation(population: Population, fitness, cfg: BreedConfig, cycle: in
         best = population.agents[int(order[0])]
         for slot in replaced:
             born[slot] = (Agent(population.new_id(), slot, [population.agents[s].id for s in order[:n_elite]],
-                                cycle + 1, bank_rank, explore(best.lr, cfg, rng, LR_RANGE),
-                                explore(best.temperature, cfg, rng, TEMPERATURE_RANGE)),
+                                cycle + 1, bank_rank, *hyper(best)),
                           lora.mutate(population.meta, cfg.mutation_rate, generator))
     else:
         for slot in replaced:
@@ -357,8 +360,7 @@ def next_generation(population: Population, fitness, cfg: BreedConfig, cycle: in
             w = merge_weight(first, second, fitness)
             child = breed(population.adapter(first), population.adapter(second), w, cfg.crossover, rank, generator)
             born[slot] = (Agent(population.new_id(), slot, [population.agents[first].id, population.agents[second].id],
-                                cycle + 1, rank, explore(fitter.lr, cfg, rng, LR_RANGE),
-                                explore(fitter.temperature, cfg, rng, TEMPERATURE_RANGE)),
+                                cycle + 1, rank, *hyper(fitter)),
                           lora.mutate(child, cfg.mutation_rate, generator))
     for slot, (agent, adapter) in born.items():
         population.dead.append(population.agents[slot])

@@ -74,10 +74,11 @@ class EvolveConfig:
     env: str = _flag("grid", "grid world or text self-evolution on --data-dir", choices=["grid", "text"])
     lora_rank: int = _flag(8, "adapter rank (the starting rank with --adaptive-rank)")
     lora_alpha: float = _flag(16.0, "LoRA alpha (update scale alpha/r)")
-    lr: float = _flag(1e-3, "online learning rate (each agent's starting one under --pbt)")
+    lr: float = _flag(2e-3, "learning rate of the adapters (each agent's starting one under --pbt)")
     temperature: float = _flag(1.0, "policy sampling temperature (each agent's starting one under --pbt)")
     quant: str = _flag("none", "quantize the base in memory", choices=["none", "int8", "int4"])
-    kv: str = _flag("full", "KV-cache policy of the agents' policy", choices=["full", "int8", "int4", "window", "h2o"])
+    memory: int = _flag(0, "grid: past (observation, action) lines each agent keeps in its KV cache")
+    kv: str = _flag("window", "grid: KV-cache policy of that memory", choices=["window", "full", "int8"])
     seed: int = _flag(0, "random seed: the same seed gives the same run")
     device: str = _flag("auto", "auto, cpu or cuda")
     threads: int = _flag(0, "torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy CPU")
@@ -91,8 +92,8 @@ class EvolveConfig:
         for name in ("cycles", "agents", "eval_episodes", "lora_rank"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.steps < 0 or self.keep_cycles < 0 or self.threads < 0:
-            raise UserError("--steps, --keep-cycles and --threads must be >= 0")
+        if self.steps < 0 or self.keep_cycles < 0 or self.threads < 0 or self.memory < 0:
+            raise UserError("--steps, --keep-cycles, --threads and --memory must be >= 0")
         if self.lr <= 0 or self.temperature <= 0:
             raise UserError("--lr and --temperature must be > 0")
 
@@ -227,11 +228,12 @@ class Runner:
         if self.cfg.env == "text":
             from h2q.evolve.text_env import TextEnv
             return TextEnv(self.model, self.local, text, self.device, log=print if self.lead else (lambda *a, **k: None))
-        from h2q.evolve.grid_env import GridEnv
+        from h2q.evolve.grid_env import AgentKnobs, GridEnv
         from h2q.evolve.world import Renderer, WorldConfig
-        render = Renderer() if self.cfg.render and self.lead else None
-        return GridEnv(self.model, self.local, WorldConfig(steps=self.cfg.life_steps), self.cfg.eval_episodes,
-                       self.cfg.kv, render)
+        cfg = self.cfg
+        render = Renderer() if cfg.render and self.lead else None
+        knobs = AgentKnobs(lr=cfg.lr, temperature=cfg.temperature, memory=cfg.memory, kv=cfg.kv)
+        return GridEnv(self.model, self.local, WorldConfig(steps=cfg.life_steps), cfg.eval_episodes, knobs, render)
 
     # -- moving agents between the shared bank and this process's ------------------------------------
     def _pull(self) -> None:
@@ -284,7 +286,7 @@ class Runner:
             rng = np.random.default_rng(seed_for(cfg.seed, c, "breed"))
             best_slot = int(np.argmax(ev.fitness))
             best_id = pop.agents[best_slot].id
-            replaced = next_generation(pop, ev.fitness, self.breed, c, breeding, rng)
+            replaced = next_generation(pop, ev.fitness, self.breed, c, breeding, rng, self.env.per_agent_temperature)
             record = self._record(c, ev, life, spread, best_id, {**phases, "wall_s": round(time.perf_counter() - start, 3)})
         self._share_population(replaced)
         self.env.reset_slots([s - self.lo for s in replaced if self.lo <= s < self.hi])

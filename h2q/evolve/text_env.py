@@ -93,6 +93,8 @@ class TextEnv:
     """The text environment of one process over its bank of agents: corpus, optimizer, fixed
     held-out windows and the base's own score."""
 
+    per_agent_temperature = False  # nothing is sampled: PBT explores learning rates only
+
     def __init__(self, model, bank: AdapterBank, cfg: TextConfig, device, log=print):
         if cfg.text_batch < 1 or cfg.eval_windows < 1:
             raise UserError("--text-batch and --eval-windows must be >= 1")
