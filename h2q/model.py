@@ -71,19 +71,26 @@ class Rotary(nn.Module):
         return self.rotate(x, *self.cos_sin(pos))
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+class AdaptedLinears(nn.Module):
+    """A module whose linears may carry adapters: `_linear` runs one and lets `adapters` add to it."""
+
+    def __init__(self, prefix: str):
         super().__init__()
-        self.layer, self.n_head, self.head_dim = layer, cfg.n_head, cfg.head_dim
-        self.prefix = f"layers.{layer}.attn."
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.prefix = prefix  # the linears' path in named_modules(), the adapters' key
 
     def _linear(self, name, x, adapters):
         y = getattr(self, name)(x)
         return y if adapters is None else adapters(self.prefix + name, x, y)
+
+
+class Attention(AdaptedLinears):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(f"layers.{layer}.attn.")
+        self.layer, self.n_head, self.head_dim = layer, cfg.n_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, rotary, cos_sin, cache, adapters):
         B, T, C = x.shape
@@ -101,19 +108,14 @@ class Attention(nn.Module):
         return self._linear("o_proj", y, adapters)
 
 
-class MLP(nn.Module):
+class MLP(AdaptedLinears):
     """SiLU-gated MLP (SwiGLU, Shazeer 2020): down(silu(gate(x)) * up(x))."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__()
-        self.prefix = f"layers.{layer}.mlp."
+        super().__init__(f"layers.{layer}.mlp.")
         self.gate_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
-
-    def _linear(self, name, x, adapters):
-        y = getattr(self, name)(x)
-        return y if adapters is None else adapters(self.prefix + name, x, y)
 
     def forward(self, x, adapters):
         h = F.silu(self._linear("gate_proj", x, adapters)) * self._linear("up_proj", x, adapters)
