@@ -28,8 +28,6 @@ from h2q.checkpoint import resolve_model_file  # noqa: E402
 from h2q.evolve.evolution import BreedConfig  # noqa: E402
 from h2q.evolve.run import EvolveConfig, Runner, evolve  # noqa: E402
 from h2q.evolve.text_env import TextConfig  # noqa: E402
-from h2q.lora import count_bytes  # noqa: E402
-from h2q.quant import model_bytes  # noqa: E402
 
 MB = 1e6
 
@@ -45,23 +43,27 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="world ticks per life")
     p.add_argument("--eval-episodes", type=int, default=2)
     p.add_argument("--quant", default="int8", choices=["none", "int8", "int4"])
+    p.add_argument("--memory", type=int, default=0, help="past lines each agent keeps in its KV cache")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default=None, help="folder for the runs (default: a temporary one, removed)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 cycles, tiny untrained base, 4 agents")
     args = p.parse_args(argv)
     if args.quick:
         args.base, args.preset, args.cycles, args.agents, args.steps, args.eval_episodes = "random", "tiny", 2, 4, 20, 1
+        args.threads = args.threads or 1
     return args
 
 
 def memory(cfg: EvolveConfig, breed: BreedConfig) -> dict[str, float]:
-    """Tensor bytes of the quantized base, the bank of adapters, caches and optimizer state, in MB."""
+    """Tensor bytes (MB) the agents hold: the quantized base, the bank of adapters, the KV caches
+    (shared prefix + memory), and apart from those the learner's optimizer state and buffers."""
     runner = Runner(cfg, breed, TextConfig())
-    policy = getattr(runner.env, "policy", None)
-    caches = policy.cache_bytes() if hasattr(policy, "cache_bytes") else 0
-    learner_state = sum(t.numel() * t.element_size() for t in runner.env.state_tensors().values())
-    return {"base": model_bytes(runner.model) / MB, "adapters": count_bytes(runner.population.bank) / MB,
-            "caches": caches / MB, "optimizer": learner_state / MB}
+    held = runner.env.policy.nbytes()
+    learner = runner.env.learner.nbytes()
+    return {"base": held["base"] / MB, "adapters": held["adapters"] / MB,
+            "caches": (held["prefix_cache"] + held["memory_cache"]) / MB,
+            "optimizer": learner["optimizer"] / MB, "buffers": learner["buffers"] / MB}
 
 
 def main(argv=None) -> int:
@@ -78,7 +80,8 @@ def main(argv=None) -> int:
         for strategy in strategies:
             cfg = EvolveConfig(base=base, preset=args.preset, out=str(root / strategy), cycles=args.cycles,
                                agents=args.agents, steps=args.steps, eval_episodes=args.eval_episodes,
-                               quant=args.quant, seed=args.seed, device="cpu", keep_cycles=1, progress=False)
+                               quant=args.quant, memory=args.memory, seed=args.seed, device="cpu",
+                               threads=args.threads, keep_cycles=1, progress=False)
             records = []
 
             def show(cycle, record, strategy=strategy):
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
         live_per_tick = np.mean([r["live_s"] for _, recs in rows for r in recs if r["strategy"] != "evolution"]
                                 or [np.nan]) / args.steps
         mem = memory(EvolveConfig(base=base, preset=args.preset, out=str(root / "memory"), agents=args.agents,
-                                  quant=args.quant, device="cpu", progress=False), BreedConfig())
+                                  quant=args.quant, memory=args.memory, device="cpu", progress=False), BreedConfig())
     print(f"\n{'strategy':10s} | {'best % oracle':>13s} | {'median % oracle':>15s} | {'peak best %':>11s} | "
           f"{'wall s/cycle':>12s}")
     for strategy, recs in rows:
@@ -106,7 +109,8 @@ def main(argv=None) -> int:
     print(f"oracle fitness {first['oracle']:.4f}, random {first['random']:.4f} (cycle 1, per agent)")
     total = mem["base"] + mem["adapters"] + mem["caches"]
     print(f"tensors: base ({args.quant}) {mem['base']:.2f} MB + {args.agents} adapters {mem['adapters']:.2f} MB + caches "
-          f"{mem['caches']:.2f} MB = {total:.2f} MB (target <= 30 MB); optimizer state {mem['optimizer']:.2f} MB apart")
+          f"{mem['caches']:.2f} MB = {total:.2f} MB (target <= 30 MB); apart: learner optimizer state "
+          f"{mem['optimizer']:.2f} MB, experience buffers {mem['buffers']:.2f} MB")
     return 0
 
 

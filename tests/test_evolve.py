@@ -24,6 +24,15 @@ CFG = PRESETS["tiny"]
 FITNESS = np.array([0.3, 0.9, 0.1, 0.5, 0.7, 0.2, 0.05, 0.4, 0.6, 0.8])
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only waits on a shared CPU. Other tests get theirs back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def population(n=10, rank=4, bank_rank=None, meta=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     pop = Population.initial(CFG, lora.LoraConfig(r=rank), n, bank_rank or rank, 1e-3, 1.0, 0.5, gen, meta=meta)
@@ -180,7 +189,7 @@ def check_run(out: Path, cycles: int, n: int, env: str = "grid"):
 @pytest.mark.parametrize("extra", [["--strategy", "hybrid", "--adaptive-rank", "--pbt", "--quant", "int8"],
                                    ["--strategy", "evolution", "--crossover", "layer"],
                                    ["--strategy", "gradient", "--pbt"],
-                                   ["--strategy", "meta"]], ids=lambda e: e[1])
+                                   ["--strategy", "meta", "--report"]], ids=lambda e: e[1])
 def test_cli_every_strategy_air_gapped(tmp_path, extra):
     out = tmp_path / "run"
     result = run_script([str(ROOT / "tests" / "airgap.py"), str(ROOT / "evolve.py"), "--cycles", "2", "--out", str(out),
@@ -188,6 +197,7 @@ def test_cli_every_strategy_air_gapped(tmp_path, extra):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cycle 2/2" in result.stdout
     check_run(out, 2, 4)
+    assert ("--report" in extra) == (out / "report" / "report.html").is_file()
 
 
 def test_cli_text_env(text_dir, tmp_path):
@@ -210,15 +220,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-@pytest.fixture
-def one_thread():
-    """evolve(threads=1) sets torch's threads for the process: give the other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_resume_equals_an_uninterrupted_run(tmp_path, one_thread):
+def test_resume_equals_an_uninterrupted_run(tmp_path):
     """2 cycles straight == 1 cycle, a kill during cycle 2, --resume: same records and adapters. Lives
     of 12 ticks: the learner first updates at tick 16, so cycle 2 depends on its saved state."""
     def config(out, cycles, resume=False):

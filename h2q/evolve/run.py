@@ -415,8 +415,12 @@ def evolve(cfg: EvolveConfig, breed: BreedConfig, text: TextConfig, on_cycle=Non
     interrupted = False
     if runner.lead:
         where = f"{runner.group.size} processes" if runner.group.size > 1 else str(runner.device)
-        print(f"evolving {cfg.agents} agents ({breed.strategy}, env {cfg.env}) on {where}: cycles "
-              f"{runner.done + 1}..{cfg.cycles} into {runner.out}")
+        base = f"{cfg.base}{f' ({cfg.preset}, untrained)' if cfg.base == 'random' else ''}" + \
+            (f", {cfg.quant}" if cfg.quant != "none" else "")
+        todo = f"cycles {runner.done + 1}..{cfg.cycles}" if runner.done < cfg.cycles else \
+            f"all {runner.done} cycles already done (raise --cycles to go on)"
+        print(f"evolving {cfg.agents} agents ({breed.strategy}, env {cfg.env}) over base {base} on {where}: "
+              f"{todo} into {runner.out}")
     try:
         for c in range(runner.done + 1, cfg.cycles + 1):
             record = runner.cycle(c)
