@@ -153,15 +153,16 @@ class Population:
     def initial(cls, base_config: ModelConfig, config: LoraConfig, n: int, bank_rank: int, lr: float,
                 temperature: float, mutation_rate: float, generator: torch.Generator,
                 meta: bool = False) -> "Population":
-        """n fresh adapters of rank config.r (Kaiming A, zero B), each mutated once at the mutation rate
-        so generation 1 already differs; for meta, all n are mutations of one meta adapter."""
+        """n mutations (at the mutation rate) of one fresh adapter of rank config.r (Kaiming A, zero B):
+        generation 1 already differs, and every agent descends from one init, so merged parents share
+        their A subspace (model soups and linear mode connectivity: weights fine-tuned from a shared
+        init average well, ones from different inits do not). For meta that init is the meta adapter."""
         bank = AdapterBank(base_config, replace(config, r=bank_rank), n, init=False)
         agents = [Agent(f"a{i + 1:04d}", i, [], 1, config.r, lr, temperature) for i in range(n)]
-        first = LoraAdapter(base_config, config, generator=generator)
-        population = cls(bank, agents, [], n, meta=first if meta else None)
+        init = LoraAdapter(base_config, config, generator=generator)
+        population = cls(bank, agents, [], n, meta=init if meta else None)
         for slot in range(n):
-            fresh = first if meta or slot == 0 else LoraAdapter(base_config, config, generator=generator)
-            population.set(slot, lora.mutate(fresh, mutation_rate, generator))
+            population.set(slot, lora.mutate(init, mutation_rate, generator))
         return population
 
     def new_id(self) -> str:
