@@ -16,6 +16,7 @@ from h2q import lora
 from h2q.config import PRESETS
 from h2q.evolve.evolution import (BreedConfig, Population, diversity, elite_count, merge_weight, next_generation,
                                   ranking)
+from h2q.evolve.grid_env import GridEnv
 from h2q.evolve.run import EvolveConfig, evolve
 from h2q.evolve.text_env import TextConfig
 
@@ -220,15 +221,26 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
-    """2 cycles straight == 1 cycle, a kill during cycle 2, --resume: same records and adapters. Lives
-    of 12 ticks: the learner first updates at tick 16, so cycle 2 depends on its saved state."""
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """2 cycles straight == Ctrl-C in cycle 2 (after its life), plus what a kill while writing cycle 2's
+    records would leave, then --resume: same records and adapters. Lives of 12 ticks: the learner
+    first updates at tick 16, so cycle 2 depends on its saved state."""
     def config(out, cycles, resume=False):
         return EvolveConfig(base="random", preset="tiny", out=str(out), cycles=cycles, agents=4, steps=12,
                             eval_episodes=1, lora_rank=2, device="cpu", threads=1, progress=False, resume=resume)
 
     evolve(config(tmp_path / "a", 2), BreedConfig(pbt=True), TextConfig())
-    evolve(config(tmp_path / "b", 1), BreedConfig(pbt=True), TextConfig())
+    evaluate = GridEnv.evaluate
+
+    def ctrl_c_in_cycle_2(env, agents, seed, tick):
+        if env.learner.t > 12:
+            raise KeyboardInterrupt
+        return evaluate(env, agents, seed, tick)
+
+    monkeypatch.setattr(GridEnv, "evaluate", ctrl_c_in_cycle_2)
+    summary = evolve(config(tmp_path / "b", 2), BreedConfig(pbt=True), TextConfig())
+    assert summary["interrupted"] and summary["cycles"] == 1
+    monkeypatch.undo()
     b = tmp_path / "b"
     with open(b / "metrics.jsonl", "a") as f:  # what a kill in the middle of cycle 2's records leaves
         f.write(json.dumps({"cycle": 2, "best": 9.0}) + "\n")

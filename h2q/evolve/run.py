@@ -7,11 +7,10 @@ Cycle c (`Runner.cycle`):
    on the same seeds (fitness = food delivered per step + a small survival term, h2q/evolve/world.py),
    or on fixed held-out text (fitness = -bits per byte);
 3. record: OUT/cycle_NNN/agent_MM/ adapters, population.json (lineage), metrics.jsonl, evolution_stats.json
-   (the run folder format of notes/evolve_format.md);
+   (the run folder format of notes/evolve_format.md, written by h2q/evolve/records.py);
 4. breed: h2q/evolve/evolution.py `next_generation` (elites pass on, the rest are children);
-5. save the resume state: OUT/state/evolve_state.safetensors (bank, meta adapter; lineage, best-fitness
-   history and cycle in its metadata) and one OUT/state/env_cNNN_rK.safetensors per process (optimizer
-   moments and baselines of its learner), each atomic, the main file last.
+5. save the resume state (records.py: the learner state of every process, then the main state, the
+   cycle's commit point).
 
 Determinism: every random stream of cycle c (world seeds, policy sampling, batches, selection, mutation)
 is seeded afresh from (seed, c, purpose, process) with numpy's SeedSequence, so the random state at a
@@ -29,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +39,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from h2q import checkpoint
+from h2q.evolve import records
 from h2q.cli import UserError, add_dataclass_flags, dataclass_from_args, resolve_device, run_main
 from h2q.config import PRESETS
 from h2q.evolve.evolution import LEARNS, BreedConfig, Evaluation, Population, diversity, next_generation
@@ -49,8 +47,6 @@ from h2q.evolve.text_env import TextConfig
 from h2q.lora import AdapterBank, LoraConfig, freeze_base
 from h2q.model import Transformer
 
-RUN_ROOT = Path("checkpoints/evolve")
-STATE_DIR, STATE_FILE = "state", "evolve_state.safetensors"
 PURPOSES = {"init": 1, "live": 2, "eval": 3, "breed": 4}
 DEFAULT_STEPS = {"grid": 200, "text": 20}
 # flags that may change between a run and its --resume
@@ -172,22 +168,6 @@ def load_base(cfg: EvolveConfig, device: torch.device) -> Transformer:
     return freeze_base(model).eval()
 
 
-def resolve_out(cfg: EvolveConfig) -> Path:
-    """--out, else checkpoints/evolve/run-NNN: the next free number (the newest with --resume)."""
-    if cfg.out:
-        return Path(cfg.out)
-    numbers = [int(m.group(1)) for p in RUN_ROOT.glob("run-*") if (m := re.fullmatch(r"run-(\d+)", p.name))]
-    if cfg.resume:
-        if not numbers:
-            raise UserError(f"--resume: no run under {RUN_ROOT}/ to continue; start without --resume")
-        return RUN_ROOT / f"run-{max(numbers):03d}"
-    return RUN_ROOT / f"run-{max(numbers, default=0) + 1:03d}"
-
-
-def cycle_dir(out: Path, cycle: int) -> Path:
-    return out / f"cycle_{cycle:03d}"
-
-
 class Runner:
     """One evolve run in one process: base, population, this process's environment, records."""
 
@@ -199,7 +179,7 @@ class Runner:
         self.group = Group(self.device)
         self.lead = self.group.rank == 0
         self.model = load_base(cfg, self.device)
-        self.out = Path(self.group.broadcast_json(str(resolve_out(cfg))))
+        self.out = Path(self.group.broadcast_json(str(records.resolve_out(cfg.out, cfg.resume))))
         lora_config = LoraConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha)
         init = torch.Generator().manual_seed(seed_for(cfg.seed, 0, "init"))
         self.population = Population.initial(self.model.config, lora_config, cfg.agents, breed.bank_rank(cfg.lora_rank),
@@ -218,11 +198,7 @@ class Runner:
         if cfg.resume:
             self._load_state()
         elif self.lead:
-            if (self.out / STATE_DIR / STATE_FILE).exists():
-                raise UserError(f"{self.out} already holds an evolve run; continue it with --resume or choose another --out")
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            checkpoint.atomic_write_json(self.out / "config.json", self.config)
+            records.start_fresh(self.out, self.config)
 
     def _make_env(self, text: TextConfig):
         if self.cfg.env == "text":
@@ -268,26 +244,31 @@ class Runner:
         learns = LEARNS[self.breed.strategy]
         agents = pop.agents[self.lo:self.hi]
         self._pull()
-        bar = tqdm(total=self.env.ticks(cfg.life_steps, learns), desc=f"cycle {c}/{cfg.cycles}", unit="tick",
-                   leave=False, dynamic_ncols=True, disable=not (self.lead and cfg.progress and not cfg.render))
-        life = self.env.live(agents, cfg.life_steps, seed_for(cfg.seed, c, "live", rank), bar.update) if learns else {}
-        self._push()
-        lived = time.perf_counter()
-        ev = self._gather_evaluation(self.env.evaluate(agents, seed_for(cfg.seed, c, "eval", rank), bar.update))
+        with tqdm(total=self.env.ticks(cfg.life_steps, learns), desc=f"cycle {c}/{cfg.cycles}", unit="tick",
+                  leave=False, dynamic_ncols=True, disable=not (self.lead and cfg.progress and not cfg.render)) as bar:
+            life = self.env.live(agents, cfg.life_steps, seed_for(cfg.seed, c, "live", rank), bar.update) if learns else {}
+            self._push()
+            lived = time.perf_counter()
+            ev = self._gather_evaluation(self.env.evaluate(agents, seed_for(cfg.seed, c, "eval", rank), bar.update))
         phases = {"live_s": round(lived - start, 3), "eval_s": round(time.perf_counter() - lived, 3)}
         life = {k: self._gather(v) for k, v in life.items()}
-        bar.close()
         record, replaced = None, []
         if self.lead:
             pop.record_fitness(ev.fitness)
-            self._save_cycle(c)
+            records.save_cycle(self.out, c, pop, self.model, cfg.keep_cycles)
             spread = diversity(pop.bank)
+            previous = self.history[-1]["best"] if self.history else None
+            self.history.append({"cycle": c, "best": float(ev.fitness.max()),
+                                 "agent": pop.agents[int(np.argmax(ev.fitness))].id})
             breeding = torch.Generator().manual_seed(seed_for(cfg.seed, c, "breed"))
             rng = np.random.default_rng(seed_for(cfg.seed, c, "breed"))
-            best_slot = int(np.argmax(ev.fitness))
-            best_id = pop.agents[best_slot].id
             replaced = next_generation(pop, ev.fitness, self.breed, c, breeding, rng, self.env.per_agent_temperature)
-            record = self._record(c, ev, life, spread, best_id, {**phases, "wall_s": round(time.perf_counter() - start, 3)})
+            record = records.metrics_record(c, ev, life, previous, diversity=spread,
+                                            mean_rank=float(np.mean([a.rank for a in pop.agents])), **phases,
+                                            wall_s=round(time.perf_counter() - start, 3),
+                                            strategy=self.breed.strategy, env=cfg.env)
+            records.append_metrics(self.out, record)
+            checkpoint.atomic_write_json(self.out / "evolution_stats.json", records.evolution_stats(self.history))
         self._share_population(replaced)
         self.env.reset_slots([s - self.lo for s in replaced if self.lo <= s < self.hi])
         self._save_state(c)
@@ -306,94 +287,24 @@ class Runner:
         replaced[:] = shared["replaced"]
         return replaced
 
-    # -- records (rank 0) ------------------------------------------------------------------------------
-    def _save_cycle(self, c: int) -> None:
-        folder = cycle_dir(self.out, c)
-        for slot in range(self.population.n):
-            self.population.adapter(slot).save(folder / f"agent_{slot:02d}", self.model)
-        checkpoint.atomic_write_json(self.out / "population.json", self.population.to_json(c))
-        if self.cfg.keep_cycles:
-            for old in range(1, c - self.cfg.keep_cycles + 1):
-                shutil.rmtree(cycle_dir(self.out, old), ignore_errors=True)
-
-    def _record(self, c: int, ev: Evaluation, life: dict, spread: float, best_id: str, times: dict) -> dict:
-        f = ev.fitness
-        previous = self.history[-1]["best"] if self.history else None
-        self.history.append({"cycle": c, "best": float(f.max()), "agent": best_id})
-        record = {"cycle": c, "best": float(f.max()), "median": float(np.median(f)), "mean": float(f.mean()),
-                  "worst": float(f.min()), **ev.references}
-        for key, values in ev.per_agent.items():
-            if key == "bpb":
-                record.update(best_bpb=float(values.min()), median_bpb=float(np.median(values)))
-            else:
-                record.update({f"best_{key}": float(values.max()), f"median_{key}": float(np.median(values)),
-                               f"mean_{key}": float(values.mean())})
-        record.update({k: int(round(v)) for k, v in ev.totals.items()})
-        if "delivered" in life:
-            record["live_food_delivered"] = int(life["delivered"].sum())
-        if "train_loss" in life:
-            record["train_bpb"] = float(np.mean(life["train_loss"]) / np.log(2))
-        ranks = [a.rank for a in self.population.agents]
-        record.update(diversity=spread, improvement=0.0 if previous is None else float(f.max()) - previous,
-                      mean_rank=float(np.mean(ranks)), **times, strategy=self.breed.strategy, env=self.cfg.env)
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-        checkpoint.atomic_write_json(self.out / "evolution_stats.json", self.stats())
-        return record
-
-    def stats(self) -> dict:
-        """evolution_stats.json: cycle 1 sets the first best and counts as neither success nor failure;
-        after it a cycle succeeds when its best beats the previous cycle's best. average_improvement is
-        the mean of that change over cycles 2.. (the net trend per cycle)."""
-        bests = [h["best"] for h in self.history]
-        changes = np.diff(bests) if len(bests) > 1 else np.zeros(0)
-        top = max(self.history, key=lambda h: h["best"]) if self.history else {"best": None, "agent": None}
-        return {"total_evolution_cycles": len(bests), "successful_cycles": int((changes > 0).sum()),
-                "failed_cycles": int((changes <= 0).sum()),
-                "average_improvement": float(changes.mean()) if len(changes) else 0.0,
-                "best_fitness": top["best"], "best_agent": top["agent"], "best_cycle": top.get("cycle")}
-
-    # -- resume state ----------------------------------------------------------------------------------
+    # -- resume ----------------------------------------------------------------------------------------
     def _save_state(self, c: int) -> None:
-        folder = self.out / STATE_DIR
-        checkpoint.save_tensors(folder / f"env_c{c:03d}_r{self.group.rank}.safetensors", self.env.state_tensors(),
-                                {"cycle": str(c)})
+        records.save_env_state(self.out, c, self.group.rank, self.env.state_tensors())
         self.group.barrier()
         if self.lead:
-            meta = {"cycle": str(c), "world_size": str(self.group.size), "history": json.dumps(self.history),
-                    "lineage": json.dumps(self.population.lineage_state())}
-            checkpoint.save_tensors(folder / STATE_FILE, self.population.tensors(), meta)
-            for old in folder.glob("env_c*_r*.safetensors"):
-                if int(old.name[len("env_c"):].split("_")[0]) < c:
-                    old.unlink(missing_ok=True)
+            records.save_state(self.out, c, self.population, self.history, self.group.size)
         self.group.barrier()
         self.done = c
 
     def _load_state(self) -> None:
-        folder = self.out / STATE_DIR
-        if not (folder / STATE_FILE).exists():
-            raise UserError(f"--resume: no evolve state in {self.out}; start without --resume")
-        saved = json.loads((self.out / "config.json").read_text(encoding="utf-8"))
-        changed = sorted(k for k in self.config if k not in RESUMABLE and saved.get(k) != self.config[k])
-        if changed:
-            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {self.config[k]!r}" for k in changed[:4])
-            raise UserError(f"--resume: settings differ from the run in {self.out} ({diffs}); resume with the same flags")
-        tensors, meta = checkpoint.read_tensors(folder / STATE_FILE, "evolve state")
-        c = int(meta["cycle"])
-        self.population.load(json.loads(meta["lineage"]), {k: v.to(self.device) for k, v in tensors.items()})
-        self.history = json.loads(meta["history"])
-        env_state, _ = checkpoint.read_tensors(folder / f"env_c{c:03d}_r{self.group.rank}.safetensors", "learner state")
+        records.check_resumable(self.out, self.config, RESUMABLE)
+        c, lineage, tensors, self.history, env_state = records.read_state(self.out, self.group.rank, self.group.size)
+        self.population.load(lineage, {k: v.to(self.device) for k, v in tensors.items()})
         self.env.load_state_tensors(env_state)
         self.done = c
         self.group.barrier()
         if self.lead:
-            metrics = self.out / "metrics.jsonl"
-            kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["cycle"] <= c] if metrics.exists() else []
-            checkpoint.atomic_write_text(metrics, "".join(line + "\n" for line in kept))
-            for folder_ in self.out.glob("cycle_*"):
-                if folder_.name[6:].isdigit() and int(folder_.name[6:]) > c:
-                    shutil.rmtree(folder_, ignore_errors=True)
+            records.drop_after(self.out, c)
         self.group.barrier()
 
 
@@ -435,7 +346,7 @@ def evolve(cfg: EvolveConfig, breed: BreedConfig, text: TextConfig, on_cycle=Non
     if runner.lead and cfg.report and not interrupted:
         write_report(runner.out)
     return {"out": str(runner.out), "cycles": runner.done, "interrupted": interrupted,
-            **(runner.stats() if runner.lead else {})}
+            **(records.evolution_stats(runner.history) if runner.lead else {})}
 
 
 def write_report(out: Path) -> None:
