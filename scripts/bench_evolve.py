@@ -97,12 +97,15 @@ def main(argv=None) -> int:
         mem = memory(EvolveConfig(base=base, preset=args.preset, out=str(root / "memory"), agents=args.agents,
                                   quant=args.quant, memory=args.memory, device="cpu", progress=False), BreedConfig())
     print(f"\n{'strategy':10s} | {'best % oracle':>13s} | {'median % oracle':>15s} | {'peak best %':>11s} | "
-          f"{'wall s/cycle':>12s}")
+          f"{'wall s/cycle':>12s} | {'live s':>6s} | {'eval s':>6s}")
     for strategy, recs in rows:
         last = recs[-1]
         peak = max(recs, key=lambda r: r["best_pct_oracle"])
-        print(f"{strategy:10s} | {last['best_pct_oracle']:13.1f} | {last['median_pct_oracle']:15.1f} | "
-              f"{peak['best_pct_oracle']:6.1f} (c{peak['cycle']}) | {np.mean([r['wall_s'] for r in recs]):12.1f}")
+        peak_text = f"{peak['best_pct_oracle']:.1f} (c{peak['cycle']})"
+        mean = {k: np.mean([r[k] for r in recs]) for k in ("wall_s", "live_s", "eval_s")}
+        print(f"{strategy:10s} | {last['best_pct_oracle']:13.1f} | {last['median_pct_oracle']:15.1f} | {peak_text:>11s} | "
+              f"{mean['wall_s']:12.1f} | {mean['live_s']:6.1f} | {mean['eval_s']:6.1f}")
+    print("(best / median % oracle: the last cycle's; peak best: the highest best over the cycles)")
     label = "measured" if args.steps == 500 else f"extrapolated from {args.steps}-tick lives"
     print(f"\none life of 500 ticks x {args.agents} agents, learning on: {live_per_tick * 500:.1f} s ({label}); "
           f"the original design expected 120-300 s")

@@ -71,7 +71,7 @@ class EvolveConfig:
     lora_rank: int = _flag(8, "adapter rank (the starting rank with --adaptive-rank)")
     lora_alpha: float = _flag(16.0, "LoRA alpha (update scale alpha/r)")
     lr: float = _flag(2e-3, "learning rate of the adapters (each agent's starting one under --pbt)")
-    temperature: float = _flag(1.0, "policy sampling temperature (each agent's starting one under --pbt)")
+    temperature: float = _flag(1.0, "grid: the agents' sampling temperature (one for all)")
     quant: str = _flag("none", "quantize the base in memory", choices=["none", "int8", "int4"])
     memory: int = _flag(0, "grid: past (observation, action) lines each agent keeps in its KV cache")
     kv: str = _flag("window", "grid: KV-cache policy of that memory", choices=["window", "full", "int8"])
