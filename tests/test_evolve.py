@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from h2q import lora
+from h2q.cli import UserError
 from h2q.config import PRESETS
 from h2q.evolve.evolution import (BreedConfig, Population, diversity, elite_count, merge_weight, next_generation,
                                   ranking)
@@ -119,8 +120,9 @@ def test_adaptive_rank_grows_elites_children_and_keeps_updates_exact():
     assert own.config.r == pop.agents[3].rank
     for key in own.slot:  # the zero-padded copy in the bank does exactly the agent's own update
         assert torch.allclose(padded.delta(key), own.delta(key), atol=1e-6)
-    with pytest.raises(Exception):
-        BreedConfig(adaptive_rank=True, strategy="meta")
+    for bad in (dict(strategy="meta"), dict(crossover="factors")):
+        with pytest.raises(UserError):
+            BreedConfig(adaptive_rank=True, **bad)
 
 
 def test_meta_moves_toward_the_elites_and_children_restart_from_it():

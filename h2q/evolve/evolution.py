@@ -98,6 +98,9 @@ class BreedConfig:
         if self.adaptive_rank and self.strategy not in ("hybrid", "evolution"):
             raise UserError(f"--adaptive-rank evolves ranks through breeding: use it with --strategy hybrid or "
                             f"evolution, not {self.strategy}")
+        if self.adaptive_rank and self.crossover != "merge":
+            raise UserError(f"--adaptive-rank breeds children of a new rank, which only --crossover merge can "
+                            f"make (not {self.crossover})")
         if self.min_rank < 1 or self.rank_step < 1:
             raise UserError("--min-rank and --rank-step must be >= 1")
 
@@ -263,11 +266,10 @@ def merge_weight(first: int, second: int, fitness) -> float:
 def breed(p1: LoraAdapter, p2: LoraAdapter, w: float, crossover: str, rank: int,
           generator: torch.Generator | None = None) -> LoraAdapter:
     """A child of rank `rank` before mutation. `merge` re-factorises at that rank; `factors` and
-    `layer` need equal-rank parents of that rank (adaptive rank uses `merge` only)."""
+    `layer` need parents of that rank (BreedConfig allows only `merge` with adaptive rank)."""
     if crossover == "merge":
         return lora.merge_product_space([p1, p2], [w, 1.0 - w], rank=rank)
-    if not p1.config.r == p2.config.r == rank:
-        raise UserError(f"--crossover {crossover} needs parents of one rank; use --crossover merge with --adaptive-rank")
+    assert p1.config.r == p2.config.r == rank, "factor-wise crossover needs parents of the child's rank"
     if crossover == "factors":
         return lora.average_factors([p1, p2], [w, 1.0 - w])
     return lora.crossover(p1, p2, generator)
