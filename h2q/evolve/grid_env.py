@@ -34,6 +34,7 @@ class AgentKnobs:
 
 
 BUFFERS = ("context", "action", "reward", "logprob", "valid", "done")  # the learner's experience arrays
+PER_AGENT = ("lr_scale", "kl")  # the learner's per-agent adaptive-step tensors, where it has them
 
 
 class PerAgentLr:
@@ -70,14 +71,15 @@ def make_agents(model, bank: AdapterBank, knobs: AgentKnobs) -> tuple[AgentPolic
 
 def learner_state(learner: Learner) -> dict[str, torch.Tensor]:
     """Everything a learner carries from one cycle to the next, as tensors: Adam moments and step
-    counts, the last good weights, the experience buffers and the counters (its replay generator is
-    reseeded every cycle, so it needs no saving)."""
+    counts, the last good weights, the experience buffers, the per-agent step-size state and the
+    counters (its replay generator is reseeded every cycle, so it needs no saving)."""
     opt = learner.opt.opt
     out = {"adam.steps": opt.steps, "counters": torch.tensor([learner.t, learner.updates, learner.skipped,
                                                               learner.restored])}
     for i, (m, v, good) in enumerate(zip(opt.m, opt.v, learner.good)):
         out.update({f"adam.m.{i}": m, f"adam.v.{i}": v, f"good.{i}": good})
     out.update({f"buffer.{name}": torch.from_numpy(getattr(learner, name)) for name in BUFFERS})
+    out.update({f"agent.{name}": getattr(learner, name) for name in PER_AGENT if hasattr(learner, name)})
     return out
 
 
@@ -91,6 +93,9 @@ def load_learner_state(learner: Learner, tensors: dict[str, torch.Tensor]) -> No
             good.copy_(tensors[f"good.{i}"])
     for name in BUFFERS:
         getattr(learner, name)[...] = tensors[f"buffer.{name}"].numpy()
+    for name in PER_AGENT:
+        if hasattr(learner, name):
+            setattr(learner, name, tensors[f"agent.{name}"].to(getattr(learner, name).device).clone())
     learner.t, learner.updates, learner.skipped, learner.restored = (int(x) for x in tensors["counters"])
 
 
