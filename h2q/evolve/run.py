@@ -110,6 +110,7 @@ class Group:
     def __init__(self, device: torch.device):
         self.size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
+        self.device = device if device.type == "cuda" else torch.device("cpu")  # where collectives' tensors live
         if self.size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
@@ -129,10 +130,11 @@ class Group:
         """Rank 0's JSON-able object on every rank (sent as UTF-8 bytes, never pickled)."""
         if self.size == 1:
             return obj
-        payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8) if self.rank == 0 else None
-        length = torch.tensor([len(payload) if payload is not None else 0])
+        payload = json.dumps(obj).encode() if self.rank == 0 else b""
+        length = torch.tensor([len(payload)], device=self.device)
         dist.broadcast(length, 0)
-        buf = payload if payload is not None else torch.empty(int(length), dtype=torch.uint8)
+        buf = torch.tensor(list(payload), dtype=torch.uint8, device=self.device) if self.rank == 0 else \
+            torch.empty(int(length), dtype=torch.uint8, device=self.device)
         dist.broadcast(buf, 0)
         return json.loads(bytes(buf.tolist()).decode())
 
@@ -227,14 +229,17 @@ class Runner:
                     shared.copy_(self.group.sum_(full))
 
     def _gather(self, values) -> np.ndarray:
-        full = torch.zeros(self.cfg.agents, dtype=torch.float64)
+        full = torch.zeros(self.cfg.agents, dtype=torch.float64, device=self.group.device)
         full[self.lo:self.hi] = torch.as_tensor(np.asarray(values, dtype=np.float64))
-        return self.group.sum_(full).numpy()
+        return self.group.sum_(full).cpu().numpy()
 
     def _gather_evaluation(self, ev: Evaluation) -> Evaluation:
         share = (self.hi - self.lo) / self.cfg.agents
-        totals = {k: float(self.group.sum_(torch.tensor(v, dtype=torch.float64))) for k, v in ev.totals.items()}
-        refs = {k: float(self.group.sum_(torch.tensor(v * share, dtype=torch.float64))) for k, v in ev.references.items()}
+        def total(value: float) -> float:
+            return float(self.group.sum_(torch.tensor(value, dtype=torch.float64, device=self.group.device)))
+
+        totals = {k: total(v) for k, v in ev.totals.items()}
+        refs = {k: total(v * share) for k, v in ev.references.items()}
         return Evaluation(self._gather(ev.fitness), {k: self._gather(v) for k, v in ev.per_agent.items()}, totals, refs)
 
     # -- one cycle -------------------------------------------------------------------------------------
