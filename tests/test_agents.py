@@ -132,11 +132,11 @@ def test_gradients_are_isolated_per_agent():
         learner.record(obs, actions, rng.normal(size=4), alive, np.zeros(4, dtype=bool))
     slot = np.repeat(np.arange(6), 3)
     agent = np.tile([0, 1, 3], 6)  # agent 2 has no rows
-    batch = Batch(slot=slot, agent=agent, ret=np.zeros(18), adv=rng.normal(size=18))
+    batch = Batch(slot=slot, agent=agent, ret=np.zeros(18), adv=rng.normal(size=18), fresh=np.ones(18, dtype=bool))
     together = gradients(learner, batch)
     for a in (0, 1, 3):
         mine = agent == a
-        alone = gradients(learner, Batch(slot[mine], agent[mine], batch.ret[mine], batch.adv[mine]))
+        alone = gradients(learner, Batch(slot[mine], agent[mine], batch.ret[mine], batch.adv[mine], batch.fresh[mine]))
         for g_all, g_alone in zip(together, alone):
             torch.testing.assert_close(g_all[a], g_alone[a], rtol=1e-4, atol=1e-6)
             others = [i for i in range(4) if i != a]

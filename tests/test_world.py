@@ -20,6 +20,9 @@ def open_world(n_agents=1, **kw):
     w.free = ~w.walls
     w.free[1, 1] = False
     w.pos[:] = [3, 3]
+    home_cell = np.zeros_like(w.walls)
+    home_cell[1, 1] = True
+    w.home_dist, _ = w._distance_field(home_cell)
     return w
 
 
@@ -90,6 +93,20 @@ def test_shaping_rewards_moving_closer_to_target():
     w.food[3, 5] = True  # food 2 east of the agent at (3, 3)
     assert w.step(np.array([MOVE_E]))[0] == pytest.approx(w.cfg.shaping)
     assert w.step(np.array([MOVE_W]))[0] == pytest.approx(-w.cfg.shaping)
+    w.food[:] = False  # nothing in view: a move that gets somewhere earns the exploration reward
+    assert w.step(np.array([MOVE_N]))[0] == pytest.approx(w.cfg.explore_reward)
+    w.pos[:] = [1, 3]
+    assert w.step(np.array([MOVE_W]))[0] == 0  # into the border wall
+    assert w.step(np.array([WAIT]))[0] == 0
+
+
+def test_target_step_walks_around_walls():
+    w = open_world(food_regrow=0.0)
+    w.walls[2:5, 4] = True  # a wall at x=4, y=2..4 between the agent at (3, 3) and the food
+    w.food[3, 6] = True
+    assert bytes(w.observe()[0]) == b"E99-..E.hNWfE.>N"  # food due east, the walk starts north
+    assert w.step(np.array([MOVE_E]))[0] == 0  # into the wall: no progress
+    assert w.step(np.array([MOVE_N]))[0] == pytest.approx(w.cfg.shaping)  # 7 steps to go, then 6
 
 
 def test_observation_format():
@@ -97,16 +114,16 @@ def test_observation_format():
     w.food[1, 5] = True  # food at (5, 1): dx=+2, dy=-2 -> N first (ties go vertical)
     obs = w.observe()
     assert obs.shape == (1, OBS_LEN) and obs.dtype == np.uint8
-    assert bytes(obs[0]) == b"E99 -.... hNW fNE>N"
+    assert bytes(obs[0]) == b"E99-....hNWfNE>N"
     w.pos[:] = [1, 2]
     w.carrying[0] = True
     w.energy[:] = 7.2
-    assert bytes(w.observe()[0]) == b"E08 +...W hN. fEN>N"
+    assert bytes(w.observe()[0]) == b"E08+...WhN.fEN>N"
     w.pos[:] = [1, 1]
-    assert bytes(w.observe()[0]) == b"E08 +N..W h** fE.>@"
+    assert bytes(w.observe()[0]) == b"E08+N..Wh**fE.>@"
     w.carrying[0] = False
     w.pos[:] = [5, 1]
-    assert bytes(w.observe()[0]) == b"E08 -N... hW. f**>*"
+    assert bytes(w.observe()[0]) == b"E08-N...hW.f**>*"
 
 
 def test_deterministic_under_seed():

@@ -15,6 +15,8 @@ The update is REINFORCE with a baseline (Williams 1992) in PPO's clipped form (S
   and the base is frozen, each agent's gradient comes from its own experience alone.
 * `BankAdam` steps the stacked adapter tensors with per-agent step counts, a per-agent gradient-norm
   clip and a per-agent mask, so nothing couples agents (a global clip would).
+* Each agent's step size adapts to how far its policy moves (PPO's adaptive-KL rule, here on the
+  learning rate, per agent): KL(behaviour || now) on the fresh rows, `target_kl`, at most `lr`.
 * Guard rails: an agent whose loss or gradient is not finite skips that update (weights and Adam
   moments untouched) and the skip is logged; an agent whose weights come out non-finite is restored
   from its last good copy and its moments are reset. The learning rate warms up linearly over the
@@ -45,11 +47,12 @@ class LearnerConfig:
     warmup: int = _flag(10, "updates of linear learning-rate warmup")
     update_every: int = _flag(8, "ticks between updates")
     lag: int = _flag(8, "a transition is trained on once this many later rewards are in its return")
-    replay: int = _flag(8, "older transitions replayed per agent and update")
+    replay: int = _flag(16, "older transitions replayed per agent and update")
     buffer: int = _flag(256, "transitions kept per agent")
-    gamma: float = _flag(0.8, "discount of returns")
+    gamma: float = _flag(0.5, "discount of returns")
     clip: float = _flag(0.2, "PPO ratio clip")
     entropy: float = _flag(0.01, "entropy bonus weight")
+    target_kl: float = _flag(0.02, "per-agent KL per update the learning rate adapts to (0 = fixed lr)")
     grad_clip: float = _flag(1.0, "per-agent gradient norm clip (0 = off)")
     seed: int = _flag(0, "seed of replay sampling")
 
@@ -72,7 +75,8 @@ class BankAdam:
         self.steps = torch.zeros(params[0].shape[0], device=params[0].device)
 
     @torch.no_grad()
-    def step(self, active: torch.Tensor, lr: float) -> None:
+    def step(self, active: torch.Tensor, lr) -> None:
+        """One step for the `active` agents at `lr`, a float or a per-agent (N,) tensor."""
         b1, b2 = self.betas
         self.steps += active.float()
         t = self.steps.clamp(min=1)
@@ -83,7 +87,8 @@ class BankAdam:
             m.copy_(torch.where(on, b1 * m + (1 - b1) * g, m))
             v.copy_(torch.where(on, b2 * v + (1 - b2) * g * g, v))
             bc1, bc2 = (1 - b1 ** t).view(per_agent), (1 - b2 ** t).view(per_agent)
-            update = lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
+            rate = lr.view(per_agent) if torch.is_tensor(lr) else lr
+            update = rate * (m / bc1) / ((v / bc2).sqrt() + self.eps)
             p.sub_(torch.where(on, update, torch.zeros_like(update)))
 
     def reset(self, agent: int) -> None:
@@ -98,11 +103,13 @@ class BankAdam:
 
 @dataclass
 class Batch:
-    """Rows of one update: buffer slot and agent of each row, its return and normalised advantage."""
+    """Rows of one update: buffer slot and agent of each row, its return, normalised advantage, and
+    whether it is fresh (first time trained on) rather than replayed."""
     slot: np.ndarray
     agent: np.ndarray
     ret: np.ndarray
     adv: np.ndarray
+    fresh: np.ndarray
 
 
 class Learner:
@@ -126,6 +133,8 @@ class Learner:
         self.rng = np.random.default_rng(cfg.seed)
         self.updates = self.skipped = self.restored = 0
         self.last: dict = {}
+        self.lr_scale = torch.ones(self.n, device=self.params[0].device)  # per agent, adapted to target_kl
+        self.kl = torch.full((self.n,), float("nan"), device=self.params[0].device)
 
     # ---- experience ------------------------------------------------------------------------------
     def record(self, obs, actions, rewards, alive, done) -> None:
@@ -144,6 +153,7 @@ class Learner:
         and take its current weights as its good copy."""
         self.valid[:, agent] = False
         self.opt.reset(agent)
+        self.lr_scale[agent], self.kl[agent] = 1.0, float("nan")
         with torch.no_grad():
             for p, good in zip(self.params, self.good):
                 good[agent] = p[agent]
@@ -176,7 +186,7 @@ class Learner:
         mean = np.bincount(agent, ret, minlength=self.n) / np.maximum(count, 1)
         var = np.bincount(agent, (ret - mean[agent]) ** 2, minlength=self.n) / np.maximum(count, 1)
         adv = (ret - mean[agent]) / (np.sqrt(var[agent]) + 1e-6)
-        return Batch(slot=order[k_idx], agent=agent, ret=ret, adv=adv)
+        return Batch(slot=order[k_idx], agent=agent, ret=ret, adv=adv, fresh=fresh[k_idx, agent])
 
     # ---- the update ------------------------------------------------------------------------------
     def agent_losses(self, batch: Batch) -> torch.Tensor:
@@ -198,8 +208,18 @@ class Learner:
         agent = torch.as_tensor(batch.agent, device=dev)
         count = torch.bincount(agent, minlength=self.n).clamp(min=1).float()
         per_row = -(surrogate + cfg.entropy * entropy) / count[agent]
+        self._measure_kl(log_ratio=(ratio.detach().log()), agent=agent, fresh=batch.fresh)
         self.last = {"entropy": float(entropy.detach().mean()), "rows": len(batch.agent)}
         return torch.zeros(self.n, device=dev).index_add(0, agent, per_row)
+
+    def _measure_kl(self, log_ratio: torch.Tensor, agent: torch.Tensor, fresh: np.ndarray) -> None:
+        """Per-agent KL(behaviour || now) over the fresh rows, k3 estimator E[r - 1 - log r]
+        (Schulman 2020): how far ~1-2 updates moved each policy where it acted."""
+        on = torch.as_tensor(fresh, device=agent.device) & torch.isfinite(log_ratio)
+        k3 = torch.where(on, log_ratio.exp() - 1 - log_ratio, torch.zeros_like(log_ratio))
+        count = torch.zeros(self.n, device=agent.device).index_add(0, agent, on.float())
+        kl = torch.zeros(self.n, device=agent.device).index_add(0, agent, k3) / count.clamp(min=1)
+        self.kl = torch.where(count > 0, kl, torch.full_like(kl, float("nan")))
 
     def update(self) -> None:
         batch = self.select()
@@ -234,11 +254,25 @@ class Learner:
             for p in self.params:
                 p.grad = torch.nan_to_num(p.grad) * scale.view((-1,) + (1,) * (p.dim() - 1))
         lr = cfg.lr * min(1.0, (self.updates + 1) / max(cfg.warmup, 1))
-        self.opt.step(active, lr)
+        self._adapt_lr()
+        self.opt.step(active, lr * self.lr_scale)
         self._restore_non_finite(active)
         self.updates += 1
         self.last.update(loss=float(torch.where(finite_loss, losses, 0).detach().sum()), lr=lr, active=int(active.sum()),
                          grad_norm=float(norm[active].mean()) if bool(active.any()) else float("nan"))
+
+    def _adapt_lr(self) -> None:
+        """Adaptive-KL rule of PPO (Schulman et al. 2017), per agent: an agent whose policy moved more
+        than 2x target_kl steps at 1/1.5 the rate, less than target_kl/2 at 1.5x, never above `lr`.
+        It keeps a large step from tipping a policy into an input-blind one (a constant logit shift
+        that swamps the small residual stream of a random-init base)."""
+        if self.cfg.target_kl <= 0:
+            return
+        kl, target = self.kl, self.cfg.target_kl
+        known = torch.isfinite(kl)
+        self.lr_scale = torch.where(known & (kl > 2 * target), self.lr_scale / 1.5, self.lr_scale)
+        self.lr_scale = torch.where(known & (kl < target / 2), (self.lr_scale * 1.5).clamp(max=1.0), self.lr_scale)
+        self.lr_scale = self.lr_scale.clamp(min=1e-3)
 
     @torch.no_grad()
     def _restore_non_finite(self, active: torch.Tensor) -> None:

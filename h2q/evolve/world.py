@@ -15,27 +15,32 @@ Rules (one `World.step` per tick, all agents at once):
 * The map: a wall border, scattered interior walls (`wall_density`), a home cell; cells that cannot
   be reached from home are walled in, so all food is reachable.
 
-Observation: fixed-width text, `OBS_LEN` = 19 bytes, one row of a (n_agents, 19) uint8 array built
-without a Python loop over agents, e.g. `E80 +N..W hSW fNE>S`:
+Observation: fixed-width text, `OBS_LEN` = 16 bytes, one row of a (n_agents, 16) uint8 array built
+without a Python loop over agents, e.g. `E80+N..WhSWfNE>S`:
 
     E80    energy, 2 digits, rounded up and capped at 99
     +      carrying food (`-` empty-handed)
     N..W   adjacent walls in the order N S E W (the letter = wall that way, `.` = open)
-    hSW    direction to home: main axis first, then the other axis (`.` when aligned); `**` = here
-    fNE    direction to the nearest food within `view` (Chebyshev); `--` = none visible
-    >S     the current target, home when carrying, else the nearest visible food: the main axis
-           of its direction, `*` = standing on food (pick it up), `@` = home with food (drop it),
-           `?` = no food in view
+    hSW    straight-line direction to home: main axis first, then the other axis (`.` when
+           aligned); `**` = here
+    fNE    straight-line direction to the nearest food by walking distance if it is within `view`
+           steps (food in view); `--` = none in view
+    >S     the current target, home when carrying, else that food: the first move of a shortest
+           walk around the walls to it (the straight-line main axis when that is one of them),
+           `*` = standing on food (pick it up), `@` = home with food (drop it), `?` = no food in view
 
-The target is last, and its byte alone names the right action most of the time (copy a direction,
-`P` on `*`, `D` on `@`): the byte right before the action is what a frozen random-init base passes
-to the head most directly, so the adapter learns this mapping first; the walls and the second axis
-refine it. There is no "Action:" cue: the observation's last byte is where the action follows,
-which keeps the 20-row decision forward short. Directions are compass letters; y grows south.
+The target is last, and its byte alone names the right action (copy a direction, `P` on `*`, `D` on
+`@`, any open move on `?`, `F` when carrying and low on energy): the byte right before the action is
+what a frozen random-init base passes to its head most directly, and a path step, unlike a compass
+direction, never leads into a wall, so a policy needs no look back at the wall bytes to get around. There is no "Action:" cue: the observation's last byte is where the action follows,
+which with no spaces between the fields keeps the 20-row decision forward short (its cost grows
+with every byte). Directions are compass letters; y grows south.
 
 Reward (for learning; shaped, documented): +`deliver_reward` per food dropped at home,
-+`pick_reward` per food picked up, +`shaping` per cell moved closer (Manhattan) to the target held
-before the move (-`shaping` per cell farther, so it cannot be farmed), -`death_penalty` on death.
++`pick_reward` per food picked up, +`shaping` per step of walking distance a move gains on the
+target held before it (-`shaping` per step lost: potential-based, Ng et al. 1999, so it cannot be
+farmed), +`explore_reward` per move
+that gets somewhere while nothing is in view (so searching beats idling), -`death_penalty` on death.
 
 Fitness (for comparing policies, unshaped): food delivered per step plus a small survival term,
 `delivered / steps + survival_weight * (ticks alive / steps)`.
@@ -52,9 +57,10 @@ ACTIONS = b"NSEWPDFZ"
 N_ACTIONS = len(ACTIONS)
 MOVE_N, MOVE_S, MOVE_E, MOVE_W, PICK, DROP, EAT, WAIT = range(N_ACTIONS)
 MOVES = np.array([[0, -1], [0, 1], [1, 0], [-1, 0]], dtype=np.int64)  # (dx, dy) for N S E W
-OBS_LEN = 19
+OBS_LEN = 16
+UNREACHED = 1 << 30  # walking distance of a cell no source reaches
 # byte columns of the observation
-COL_ENERGY, COL_CARRY, COL_WALLS, COL_HOME, COL_FOOD, COL_TARGET = 1, 4, 5, 11, 15, 18
+COL_ENERGY, COL_CARRY, COL_WALLS, COL_HOME, COL_FOOD, COL_TARGET = 1, 3, 4, 9, 12, 15
 
 
 def _flag(default, help):
@@ -72,12 +78,13 @@ class WorldConfig:
     move_cost: float = _flag(0.5, "energy per move")
     wait_cost: float = _flag(0.3, "energy per non-move tick")
     food_energy: float = _flag(30.0, "energy from eating one food")
-    view: int = _flag(4, "food is visible within this Chebyshev distance")
+    view: int = _flag(8, "food is in view within this many steps of walking")
     steps: int = _flag(200, "ticks per episode")
     seed: int = _flag(0, "world seed (map, spawns, regrowth)")
     deliver_reward: float = _flag(1.0, "reward per food delivered home")
     pick_reward: float = _flag(0.3, "shaping reward per food picked up")
     shaping: float = _flag(0.1, "shaping reward per cell moved closer to the target")
+    explore_reward: float = _flag(0.1, "shaping reward per move made while no target is in view")
     death_penalty: float = _flag(1.0, "reward lost on dying")
     survival_weight: float = _flag(0.01, "fitness term per fraction of the episode survived")
 
@@ -116,6 +123,9 @@ class World:
         self._wall_off_unreachable()
         self.free = ~self.walls
         self.free[self.home[1], self.home[0]] = False  # food never grows at home
+        home_cell = np.zeros_like(self.walls)
+        home_cell[self.home[1], self.home[0]] = True
+        self.home_dist, _ = self._distance_field(home_cell)  # walking steps to home, [y, x]
         self.food = np.zeros_like(self.walls)
         self._grow(cfg.n_food)
         spawn = np.argwhere(~self.walls)[self.rng.integers(int((~self.walls).sum()), size=n_agents)]
@@ -160,32 +170,59 @@ class World:
         if k > 0:
             self.food.flat[self.rng.choice(empty, size=k, replace=False)] = True
 
-    # ---- observation ----------------------------------------------------------------------------
-    def nearest_food(self) -> tuple[np.ndarray, np.ndarray]:
-        """-> (offsets (n, 2) to the nearest visible food as (dx, dy), visible (n,) bool).
-        Nearest by Manhattan distance among food within `view` (Chebyshev); ties by map order."""
-        fy, fx = np.nonzero(self.food)
-        if len(fx) == 0:
-            return np.zeros((self.n, 2), dtype=np.int64), np.zeros(self.n, dtype=bool)
-        dx = fx[None, :] - self.pos[:, :1]  # (n, n_food)
-        dy = fy[None, :] - self.pos[:, 1:]  # (n, n_food)
-        seen = np.maximum(np.abs(dx), np.abs(dy)) <= self.cfg.view
-        dist = np.where(seen, np.abs(dx) + np.abs(dy), np.iinfo(np.int64).max)
-        j = dist.argmin(axis=1)
+    # ---- shortest paths ---------------------------------------------------------------------------
+    def _distance_field(self, sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Multi-source breadth-first search around walls, as repeated relaxation over the whole grid:
+        -> (steps to the nearest source, UNREACHED where none; flat index of that source, -1 where
+        none), both indexed [y, x]. Ties go to the source reached first from N, S, E, W."""
+        s = self.cfg.size
+        dist = np.where(sources, 0, UNREACHED)
+        src = np.where(sources, np.arange(s * s).reshape(s, s), -1)
+        open_ = ~self.walls
+        while True:
+            near_d = np.full((4, s, s), UNREACHED)  # (4, s, s): each cell's N, S, E, W neighbour
+            near_s = np.full((4, s, s), -1)
+            near_d[0, 1:], near_s[0, 1:] = dist[:-1], src[:-1]
+            near_d[1, :-1], near_s[1, :-1] = dist[1:], src[1:]
+            near_d[2, :, :-1], near_s[2, :, :-1] = dist[:, 1:], src[:, 1:]
+            near_d[3, :, 1:], near_s[3, :, 1:] = dist[:, :-1], src[:, :-1]
+            k = near_d.argmin(axis=0)[None]  # (1, s, s)
+            best = np.take_along_axis(near_d, k, axis=0)[0] + 1
+            better = open_ & (best < dist)
+            if not better.any():
+                return dist, src
+            dist = np.where(better, best, dist)
+            src = np.where(better, np.take_along_axis(near_s, k, axis=0)[0], src)
+
+    def targets(self) -> dict[str, np.ndarray]:
+        """Each agent's target (home when carrying, else the nearest food by walking distance if it
+        is within `view` steps): `has` (n,), `cell` (n, 2) as (x, y), `dist` (n,) steps to it, and
+        `step` (n,) the move (0..3) that starts a shortest path to it (-1 when on it or none),
+        preferring the straight-line main axis among equally short ones. Refreshes `food_dist` and
+        `food_src`, the walking-distance field of the food as it is now."""
+        self.food_dist, self.food_src = self._distance_field(self.food)
+        x, y = self.pos[:, 0], self.pos[:, 1]
+        c = self.carrying
+        dist = np.where(c, self.home_dist[y, x], self.food_dist[y, x])
+        has = c | (dist <= self.cfg.view)
+        src = self.food_src[y, x]
+        cell = np.where(c[:, None], self.home[None, :], np.stack([src % self.cfg.size, src // self.cfg.size], 1))
+        nxt = self.pos[:, None, :] + MOVES[None]  # (n, 4, 2)
+        around = np.where(c[:, None], self.home_dist[nxt[..., 1], nxt[..., 0]],
+                          self.food_dist[nxt[..., 1], nxt[..., 0]])  # (n, 4)
+        shortest = (around == around.min(axis=1, keepdims=True)) & (around < dist[:, None])
+        main = _compass(cell[:, 0] - x, cell[:, 1] - y)[:, 0]
+        main_move = np.argmax(np.frombuffer(ACTIONS[:4], dtype=np.uint8)[None, :] == main[:, None], axis=1)
         rows = np.arange(self.n)
-        return np.stack([dx[rows, j], dy[rows, j]], axis=1), seen[rows, j]
+        step = np.where(shortest[rows, main_move], main_move, shortest.argmax(axis=1))
+        step = np.where(has & shortest.any(axis=1), step, -1)
+        return {"has": has, "cell": cell, "dist": dist, "step": step}
 
-    def targets(self) -> tuple[np.ndarray, np.ndarray]:
-        """-> (target cell (n, 2) as (x, y), has_target (n,)): home when carrying, else the nearest
-        visible food."""
-        food_off, visible = self.nearest_food()
-        target = np.where(self.carrying[:, None], self.home[None, :], self.pos + food_off)
-        return target, self.carrying | visible
-
+    # ---- observation ----------------------------------------------------------------------------
     def observe(self) -> np.ndarray:
         """-> (n, OBS_LEN) uint8, the observation format of the module docstring."""
         obs = np.empty((self.n, OBS_LEN), dtype=np.uint8)
-        obs[:] = np.frombuffer(b"E00 -.... h** f-->?", dtype=np.uint8)
+        obs[:] = np.frombuffer(b"E00-....h**f-->?", dtype=np.uint8)
         energy = np.minimum(np.ceil(self.energy), 99).astype(np.int64)
         obs[:, COL_ENERGY] = ord("0") + energy // 10
         obs[:, COL_ENERGY + 1] = ord("0") + energy % 10
@@ -196,13 +233,16 @@ class World:
             obs[blocked, COL_WALLS + d] = ACTIONS[d]
         home_off = self.home[None, :] - self.pos  # (n, 2)
         obs[:, COL_HOME:COL_HOME + 2] = _compass(home_off[:, 0], home_off[:, 1])
-        food_off, visible = self.nearest_food()
-        obs[visible, COL_FOOD:COL_FOOD + 2] = _compass(food_off[visible, 0], food_off[visible, 1])
-        target_cols = np.where(self.carrying[:, None], obs[:, COL_HOME:COL_HOME + 2], obs[:, COL_FOOD:COL_FOOD + 2])
-        has_target = self.carrying | visible
-        obs[has_target, COL_TARGET] = target_cols[has_target, 0]
-        on_target = has_target & (obs[:, COL_TARGET] == ord("*"))
-        obs[on_target & self.carrying, COL_TARGET] = ord("@")
+        target = self.targets()
+        x, y = self.pos[:, 0], self.pos[:, 1]
+        food_seen = self.food_dist[y, x] <= self.cfg.view
+        src = self.food_src[y, x]
+        food_off = np.stack([src % self.cfg.size - x, src // self.cfg.size - y], axis=1)  # (n, 2)
+        obs[food_seen, COL_FOOD:COL_FOOD + 2] = _compass(food_off[food_seen, 0], food_off[food_seen, 1])
+        moving = target["step"] >= 0
+        obs[moving, COL_TARGET] = np.frombuffer(ACTIONS, dtype=np.uint8)[target["step"][moving]]
+        on_it = target["has"] & (target["dist"] == 0)
+        obs[on_it, COL_TARGET] = np.where(self.carrying[on_it], ord("@"), ord("*"))
         return obs
 
     # ---- dynamics -------------------------------------------------------------------------------
@@ -213,16 +253,18 @@ class World:
         assert actions.shape == (self.n,), f"need {self.n} actions, got shape {actions.shape}"
         live = self.alive.copy()
         rewards = np.zeros(self.n, dtype=np.float64)
-        target, has_target = self.targets()
-        dist_before = np.abs(target - self.pos).sum(axis=1)
+        target = self.targets()
+        has_target, carried = target["has"], self.carrying.copy()
 
         moving = live & (actions < 4)
         step = MOVES[np.where(moving, actions, 0)] * moving[:, None]  # (n, 2)
         nxt = self.pos + step
         open_ = ~self.walls[nxt[:, 1], nxt[:, 0]]
         self.pos = np.where(open_[:, None], nxt, self.pos)
-        shaped = moving & has_target
-        rewards += np.where(shaped, cfg.shaping * (dist_before - np.abs(target - self.pos).sum(axis=1)), 0.0)
+        x, y = self.pos[:, 0], self.pos[:, 1]
+        dist_after = np.where(carried, self.home_dist[y, x], self.food_dist[y, x])  # same fields as before
+        rewards += np.where(moving & has_target, cfg.shaping * (target["dist"] - dist_after), 0.0)
+        rewards += np.where(moving & ~has_target & open_, cfg.explore_reward, 0.0)
 
         on_food = self.food[self.pos[:, 1], self.pos[:, 0]]
         wants = np.flatnonzero(live & (actions == PICK) & ~self.carrying & on_food)
@@ -289,9 +331,9 @@ class RandomPolicy:
 
 
 class OraclePolicy:
-    """Scripted greedy policy that reads only the observation bytes: drop on `@`, pick up on `*`,
-    eat when low, else step along the target's main axis, its other axis when walled, a random open
-    side step when both are walled, and a random open direction when nothing is in view."""
+    """Scripted greedy policy that reads only the observation bytes: drop on `@`, pick up on `*`, eat
+    the carried food when energy is below `eat_below`, else take the path step the target byte
+    names, and a random open direction when nothing is in view."""
 
     def __init__(self, seed: int = 0, eat_below: int = 20):
         self.rng = np.random.default_rng(seed)
@@ -301,23 +343,16 @@ class OraclePolicy:
         pass
 
     def act(self, obs: np.ndarray, alive: np.ndarray) -> np.ndarray:
-        n = len(obs)
         energy = (obs[:, COL_ENERGY].astype(np.int64) - ord("0")) * 10 + obs[:, COL_ENERGY + 1] - ord("0")
         carrying = obs[:, COL_CARRY] == ord("+")
         open_ = obs[:, COL_WALLS:COL_WALLS + 4] == ord(".")  # (n, 4) in N S E W order
         target = obs[:, COL_TARGET]
-        compass = np.where(carrying[:, None], obs[:, COL_HOME:COL_HOME + 2], obs[:, COL_FOOD:COL_FOOD + 2])
+        keys = self.rng.random(open_.shape) + open_  # random open direction (any move if boxed in)
+        actions = keys.argmax(axis=1)
         letter_to_move = np.full(256, -1, dtype=np.int64)
         letter_to_move[list(ACTIONS[:4])] = np.arange(4)
-        first, second = letter_to_move[compass[:, 0]], letter_to_move[compass[:, 1]]
-        rows = np.arange(n)
-        # random open direction: argmax of random keys over open moves (any move if boxed in)
-        keys = self.rng.random((n, 4)) + open_
-        actions = keys.argmax(axis=1)
-        second_ok = (second >= 0) & open_[rows, np.maximum(second, 0)]
-        actions = np.where(second_ok, second, actions)
-        first_ok = (first >= 0) & open_[rows, np.maximum(first, 0)]
-        actions = np.where(first_ok, first, actions)
+        step = letter_to_move[target]
+        actions = np.where(step >= 0, step, actions)
         actions = np.where(carrying & (energy < self.eat_below), EAT, actions)
         actions = np.where(target == ord("*"), PICK, actions)
         actions = np.where(target == ord("@"), DROP, actions)
