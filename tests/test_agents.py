@@ -144,27 +144,29 @@ def test_gradients_are_isolated_per_agent():
     assert all(g[2].abs().max() == 0 for g in together)
 
 
-def test_nan_guard_skips_and_restores(caplog):
+def test_nan_guards(caplog):
     policy = make_policy(n=3)
     learner = Learner(policy, LearnerConfig(update_every=4, lag=0, replay=2, buffer=16))
     world = World(WORLD, 3, seed=4)
     obs = world.observe()
     alive = np.ones(3, dtype=bool)
-    before = [p.detach().clone() for p in learner.params]
-    for t in range(4):  # agent 0 gets a NaN reward: its update is skipped, the others learn
+    no = np.zeros(3, dtype=bool)
+    for t in range(4):  # agent 0 gets one NaN reward: that transition is dropped, nothing breaks
         actions = policy.act(obs, alive)
-        learner.record(obs, actions, np.array([np.nan if t == 1 else 1.0, t, -t]), alive, np.zeros(3, dtype=bool))
-    assert learner.updates == 1 and learner.skipped == 1 and "non-finite" in caplog.text
-    assert all(torch.equal(p[0], b[0]) for p, b in zip(learner.params, before))
-    assert any(not torch.equal(p[1], b[1]) for p, b in zip(learner.params, before))
-    good = [p.detach()[2].clone() for p in learner.params]
+        learner.record(obs, actions, np.array([np.nan if t == 1 else 1.0, t, -t]), alive, no)
+    assert learner.updates == 1 and learner.skipped == 0 and "non-finite reward" in caplog.text
+    assert not learner.valid[1, 0] and learner.valid[1, 1:].all()
+    assert all(torch.isfinite(p).all() for p in learner.params)
+    before = [p.detach().clone() for p in learner.params]
     with torch.no_grad():
-        learner.params[0][2] = float("inf")  # adapter 2 blows up
+        learner.params[0][2] = float("inf")  # adapter 2 blows up: non-finite loss
     for t in range(4):
         actions = policy.act(obs, alive)
-        learner.record(obs, actions, np.array([1.0, t, -t]), alive, np.zeros(3, dtype=bool))
-    assert learner.restored == 1
-    assert all(torch.equal(p[2], g) for p, g in zip(learner.params, good))
+        learner.record(obs, actions, np.array([1.0, t, -t]), alive, no)
+    assert learner.updates == 2 and learner.skipped == 1 and learner.restored == 1
+    assert "skipped" in caplog.text and "restored" in caplog.text
+    assert all(torch.equal(p[2], b[2]) for p, b in zip(learner.params, before))  # its last good copy
+    assert any(not torch.equal(p[1], b[1]) for p, b in zip(learner.params, before))  # the others learn
     assert all(torch.isfinite(p).all() for p in learner.params)
 
 

@@ -17,9 +17,9 @@ The update is REINFORCE with a baseline (Williams 1992) in PPO's clipped form (S
   clip and a per-agent mask, so nothing couples agents (a global clip would).
 * Each agent's step size adapts to how far its policy moves (PPO's adaptive-KL rule, here on the
   learning rate, per agent): KL(behaviour || now) on the fresh rows, `target_kl`, at most `lr`.
-* Guard rails: an agent whose loss or gradient is not finite skips that update (weights and Adam
-  moments untouched) and the skip is logged; an agent whose weights come out non-finite is restored
-  from its last good copy and its moments are reset. The learning rate warms up linearly over the
+* Guard rails: a non-finite reward drops its transition; an agent whose loss or gradient is not
+  finite skips that update (weights and Adam moments untouched); an agent whose weights come out
+  non-finite is restored from its last good copy and its moments are reset; each is logged. The learning rate warms up linearly over the
   first `warmup` updates.
 """
 from __future__ import annotations
@@ -140,9 +140,13 @@ class Learner:
     def record(self, obs, actions, rewards, alive, done) -> None:
         """One tick for all agents (the episode loop's learner protocol); updates when due."""
         i = self.t % self.cfg.buffer
+        finite = np.isfinite(rewards)
+        if not finite[alive].all():
+            log.warning("tick %d: non-finite reward for agents %s; those transitions are dropped",
+                        self.t, np.flatnonzero(alive & ~finite).tolist())
         self.context[i] = self.policy.last_context
-        self.action[i], self.reward[i], self.logprob[i] = actions, rewards, self.policy.last_logprob
-        self.valid[i] = alive & np.isfinite(self.policy.last_logprob)
+        self.action[i], self.reward[i], self.logprob[i] = actions, np.where(finite, rewards, 0.0), self.policy.last_logprob
+        self.valid[i] = alive & finite & np.isfinite(self.policy.last_logprob)
         self.done[i] = done
         self.t += 1
         if self.t % self.cfg.update_every == 0 and self.t >= self.cfg.lag + self.cfg.update_every:
