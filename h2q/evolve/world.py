@@ -32,15 +32,16 @@ without a Python loop over agents, e.g. `E80+N..WhSWfNE>S`:
 The target is last, and its byte alone names the right action (copy a direction, `P` on `*`, `D` on
 `@`, any open move on `?`, `F` when carrying and low on energy): the byte right before the action is
 what a frozen random-init base passes to its head most directly, and a path step, unlike a compass
-direction, never leads into a wall, so a policy needs no look back at the wall bytes to get around. There is no "Action:" cue: the observation's last byte is where the action follows,
-which with no spaces between the fields keeps the 20-row decision forward short (its cost grows
-with every byte). Directions are compass letters; y grows south.
+direction, never leads into a wall, so a policy needs no look back at the wall bytes to get around.
+There is no "Action:" cue: the action follows the last byte, and with no spaces between the fields
+the 20-row decision forward stays short (its cost grows with every byte). Directions are compass
+letters; y grows south.
 
 Reward (for learning; shaped, documented): +`deliver_reward` per food dropped at home,
 +`pick_reward` per food picked up, +`shaping` per step of walking distance a move gains on the
 target held before it (-`shaping` per step lost: potential-based, Ng et al. 1999, so it cannot be
-farmed), +`explore_reward` per move
-that gets somewhere while nothing is in view (so searching beats idling), -`death_penalty` on death.
+farmed), +`explore_reward` per move that gets somewhere while nothing is in view (so searching
+beats idling), -`death_penalty` on death.
 
 Fitness (for comparing policies, unshaped): food delivered per step plus a small survival term,
 `delivered / steps + survival_weight * (ticks alive / steps)`.
