@@ -19,8 +19,9 @@ The update is REINFORCE with a baseline (Williams 1992) in PPO's clipped form (S
   learning rate, per agent): KL(behaviour || now) on the fresh rows, `target_kl`, at most `lr`.
 * Guard rails: a non-finite reward drops its transition; an agent whose loss or gradient is not
   finite skips that update (weights and Adam moments untouched); an agent whose weights come out
-  non-finite is restored from its last good copy and its moments are reset; each is logged. The learning rate warms up linearly over the
-  first `warmup` updates.
+  non-finite is restored from its last good copy and its moments are reset; each is logged.
+* The learning rate warms up linearly over `warmup` updates and decays as 1/sqrt(updates) after
+  `decay` updates (times each agent's adaptive-KL scale).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def _flag(default, help):
 class LearnerConfig:
     lr: float = _flag(2e-3, "Adam learning rate of the adapters")
     warmup: int = _flag(10, "updates of linear learning-rate warmup")
+    decay: int = _flag(50, "after this many updates the learning rate decays as 1/sqrt(updates) (0 = never)")
     update_every: int = _flag(8, "ticks between updates")
     lag: int = _flag(8, "a transition is trained on once this many later rewards are in its return")
     replay: int = _flag(16, "older transitions replayed per agent and update")
@@ -257,13 +259,20 @@ class Learner:
         with torch.no_grad():
             for p in self.params:
                 p.grad = torch.nan_to_num(p.grad) * scale.view((-1,) + (1,) * (p.dim() - 1))
-        lr = cfg.lr * min(1.0, (self.updates + 1) / max(cfg.warmup, 1))
+        lr = self.scheduled_lr()
         self._adapt_lr()
         self.opt.step(active, lr * self.lr_scale)
         self._restore_non_finite(active)
         self.updates += 1
         self.last.update(loss=float(torch.where(finite_loss, losses, 0).detach().sum()), lr=lr, active=int(active.sum()),
                          grad_norm=float(norm[active].mean()) if bool(active.any()) else float("nan"))
+
+    def scheduled_lr(self) -> float:
+        """Linear warmup over `warmup` updates, then 1/sqrt decay after `decay` updates: early updates
+        learn fast, later ones settle instead of random-walking at full size."""
+        cfg, u = self.cfg, self.updates + 1
+        lr = cfg.lr * min(1.0, u / max(cfg.warmup, 1))
+        return lr * min(1.0, (cfg.decay / u) ** 0.5) if cfg.decay > 0 else lr
 
     def _adapt_lr(self) -> None:
         """Adaptive-KL rule of PPO (Schulman et al. 2017), per agent: an agent whose policy moved more
