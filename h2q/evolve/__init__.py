@@ -7,8 +7,16 @@ are (n,) indices into `world.ACTIONS`. `RandomPolicy` and `OraclePolicy` (world.
 `AgentPolicy` (agent.py) is the 20 LoRA agents on one base. A learner (learner.py) is fed every
 transition by `run_episode` and updates the adapters as it goes.
 
-    stats = run_episode(World(cfg, 20, seed), policy, learner=learner)
-    result = evaluate_policy(policy, cfg, seeds=[100, 101], n_agents=20)
+    bank = make_bank(model, 20, AgentConfig())             # h2q/evolve/agent.py
+    policy = AgentPolicy(model, bank, AgentConfig())       # agent i acts with bank slot policy.slots[i]
+    learner = Learner(policy, LearnerConfig())             # h2q/evolve/learner.py
+    stats = run_episode(World(WorldConfig(), 20, seed), policy, learner=learner)
+    result = evaluate_policy(policy, WorldConfig(), seeds=[100, 101], n_agents=20)
+    oracle = evaluate_policy(OraclePolicy(), WorldConfig(), seeds=[100, 101], n_agents=20)
+    result.percent_of(oracle)                              # per agent, % of the oracle's food rate
+
+When evolution writes a new adapter into slot i (`bank.set_adapter(i, child)`), it calls
+`learner.reset_agent(i)` so the newcomer starts with fresh experience and optimizer moments.
 """
 from __future__ import annotations
 
