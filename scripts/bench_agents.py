@@ -31,6 +31,7 @@ from h2q.evolve import (OraclePolicy, RandomPolicy, Renderer, World, WorldConfig
 from h2q.evolve.agent import KV_POLICIES, AgentConfig, AgentPolicy, make_bank  # noqa: E402
 from h2q.evolve.learner import Learner, LearnerConfig  # noqa: E402
 from h2q.model import Transformer  # noqa: E402
+from h2q.perf import matmul_peak_gflops  # noqa: E402
 
 
 def parse_args(argv):
@@ -120,6 +121,9 @@ def main(argv=None):
 
     obs = World(world_cfg, n, eval_seeds[0]).observe()
     t_batched, t_separate = decision_latency(policy, obs, args.latency_reps)
+    # a batched decision cannot beat its FLOPs at the matmul peak: that caps what batching can win
+    peak = matmul_peak_gflops(device) * 1e9
+    decision_flops = n * obs.shape[1] * model.flops_per_token(policy.prefix_len + obs.shape[1], training=False)
 
     learner = Learner(policy, learner_cfg)
     render = Renderer() if args.render else None
@@ -144,6 +148,8 @@ def main(argv=None):
         "agents_before": summary(before, oracle), "agents_after": summary(after, oracle),
         "decision_batched_ms": 1e3 * t_batched, "decision_separate_ms": 1e3 * t_separate,
         "batched_speedup": t_separate / t_batched, "loop_ticks_per_s": loop_tps,
+        "matmul_peak_gflops": peak / 1e9, "decision_gflop": decision_flops / 1e9,
+        "batched_speedup_bound": t_separate / (decision_flops / peak),
         "updates": learner.updates, "skipped": learner.skipped, "restored": learner.restored,
         "bytes": {**bytes_held, "total": sum(bytes_held.values())},
     }
@@ -154,6 +160,9 @@ def main(argv=None):
               f"{r['median_pct_of_oracle']:>16.1f}%{r['died']:>7.2f}")
     print(f"\ndecision step, {n} agents: batched {results['decision_batched_ms']:.1f} ms, one by one "
           f"{results['decision_separate_ms']:.1f} ms -> {results['batched_speedup']:.1f}x")
+    print(f"  bound: the batched step is {results['decision_gflop']:.2f} GFLOP, >= {1e3 * decision_flops / peak:.1f} ms "
+          f"at the {peak / 1e9:.0f} GFLOP/s matmul peak, so batching wins at most "
+          f"{results['batched_speedup_bound']:.1f}x here")
     print(f"whole loop with learning: {loop_tps:.2f} ticks/s ({learner.updates} updates, "
           f"{learner.skipped} skipped, {learner.restored} restored)")
     print("bytes held: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in results["bytes"].items()))

@@ -1,6 +1,6 @@
 """Benchmark the evolve strategies: N cycles of each on held-out world seeds, from the trained base.
 
-    python scripts/bench_evolve.py                 # 20 cycles x hybrid/evolution/gradient/meta, small base, int8
+    python scripts/bench_evolve.py                 # 20 cycles x hybrid/evolution/gradient/meta, small base
     python scripts/bench_evolve.py --quick         # smoke run: 2 cycles, tiny random base, 4 agents
 
 Prints per cycle the best and median agent's food rate as % of the scripted oracle on the same fresh
@@ -42,7 +42,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--agents", type=int, default=20)
     p.add_argument("--steps", type=int, default=200, help="world ticks per life")
     p.add_argument("--eval-episodes", type=int, default=2)
-    p.add_argument("--quant", default="int8", choices=["none", "int8", "int4"])
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                   help="base weights of the runs (evolve.py's default: none); memory is also shown for int8")
     p.add_argument("--memory", type=int, default=0, help="past lines each agent keeps in its KV cache")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -94,8 +95,9 @@ def main(argv=None) -> int:
         first = rows[0][1][0]
         live_per_tick = np.mean([r["live_s"] for _, recs in rows for r in recs if r["strategy"] != "evolution"]
                                 or [np.nan]) / args.steps
-        mem = memory(EvolveConfig(base=base, preset=args.preset, out=str(root / "memory"), agents=args.agents,
-                                  quant=args.quant, memory=args.memory, device="cpu", progress=False), BreedConfig())
+        mem = {quant: memory(EvolveConfig(base=base, preset=args.preset, out=str(root / f"memory-{quant}"), agents=args.agents,
+                                          quant=quant, memory=args.memory, device="cpu", progress=False), BreedConfig())
+               for quant in dict.fromkeys([args.quant, "int8"])}
     print(f"\n{'strategy':10s} | {'best % oracle':>13s} | {'median % oracle':>15s} | {'peak best %':>11s} | "
           f"{'wall s/cycle':>12s} | {'live s':>6s} | {'eval s':>6s}")
     for strategy, recs in rows:
@@ -110,10 +112,11 @@ def main(argv=None) -> int:
     print(f"\none life of 500 ticks x {args.agents} agents, learning on: {live_per_tick * 500:.1f} s ({label}); "
           f"the original design expected 120-300 s")
     print(f"oracle fitness {first['oracle']:.4f}, random {first['random']:.4f} (cycle 1, per agent)")
-    total = mem["base"] + mem["adapters"] + mem["caches"]
-    print(f"tensors: base ({args.quant}) {mem['base']:.2f} MB + {args.agents} adapters {mem['adapters']:.2f} MB + caches "
-          f"{mem['caches']:.2f} MB = {total:.2f} MB (target <= 30 MB); apart: learner optimizer state "
-          f"{mem['optimizer']:.2f} MB, experience buffers {mem['buffers']:.2f} MB")
+    for quant, held in mem.items():
+        total = held["base"] + held["adapters"] + held["caches"]
+        print(f"tensors: base ({quant}) {held['base']:.2f} MB + {args.agents} adapters {held['adapters']:.2f} MB + caches "
+              f"{held['caches']:.2f} MB = {total:.2f} MB (target, int8 base: <= 30 MB); apart: learner optimizer "
+              f"state {held['optimizer']:.2f} MB, experience buffers {held['buffers']:.2f} MB")
     return 0
 
 

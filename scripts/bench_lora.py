@@ -28,6 +28,7 @@ from h2q import checkpoint, lora  # noqa: E402
 from h2q.cli import UserError, run_main  # noqa: E402
 from h2q.config import PRESETS  # noqa: E402
 from h2q.model import Transformer  # noqa: E402
+from h2q.perf import matmul_peak_gflops  # noqa: E402
 
 MB = 1e6
 
@@ -137,11 +138,17 @@ def main(argv=None) -> int:
     fp32_base = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     int8_base, int8_how = int8_base_bytes(model)
     speedup, overhead = t_sequential / t_batched, t_batched / t_plain - 1
+    # the batched forward cannot beat its FLOPs at this machine's matmul peak: that caps the speedup
+    peak = matmul_peak_gflops("cpu") * 1e9
+    batched_flops = n * T * model.flops_per_token(T, training=False)
+    fastest_batched = batched_flops / peak
     rows = [
         ("forward, no adapters", f"{t_plain * 1e3:.1f} ms", ""),
         (f"forward, {n} adapters batched", f"{t_batched * 1e3:.1f} ms", ""),
         (f"forward, {n} adapters one by one", f"{t_sequential * 1e3:.1f} ms", ""),
         ("batched vs one by one", f"{speedup:.1f}x faster", ">= 8x" + _ok(speedup >= 8)),
+        (f"  bound: {batched_flops / 1e9:.1f} GFLOP at the {peak / 1e9:.0f} GFLOP/s matmul peak",
+         f">= {fastest_batched * 1e3:.1f} ms", f"so at most {t_sequential / fastest_batched:.1f}x here"),
         ("batched overhead vs no adapters", f"{overhead * 100:+.1f}%", "<= 25%" + _ok(overhead <= 0.25)),
         ("bytes per adapter", f"{adapter_bytes / MB:.3f} MB", "<= 1 MB" + _ok(adapter_bytes <= MB)),
         (f"bytes for {n} adapters", f"{n * adapter_bytes / MB:.2f} MB", ""),

@@ -20,22 +20,10 @@ from h2q import data
 from h2q.cli import resolve_device, run_main
 from h2q.config import PRESETS
 from h2q.model import Transformer
+from h2q.perf import matmul_peak_gflops
 from h2q.train import TrainConfig, make_optimizer, train
 
 REFERENCE_TOK_S = 1280  # a well-known minimal GPT trainer at the small shape on these 2 cores (issue #2)
-
-
-def matmul_peak_gflops(device, dtype, n=2048, repeats=7) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times[1:]) / 1e9
 
 
 def train_throughput(preset, batch_size, corpus, device, steps, compile_model) -> tuple[float, float]:

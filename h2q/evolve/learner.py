@@ -49,7 +49,7 @@ class LearnerConfig:
     decay: int = _flag(50, "after this many updates the learning rate decays as 1/sqrt(updates) (0 = never)")
     update_every: int = _flag(8, "ticks between updates")
     lag: int = _flag(8, "a transition is trained on once this many later rewards are in its return")
-    replay: int = _flag(16, "older transitions replayed per agent and update")
+    replay: int = _flag(4, "older transitions replayed per agent and update")
     buffer: int = _flag(256, "transitions kept per agent")
     gamma: float = _flag(0.5, "discount of returns")
     clip: float = _flag(0.2, "PPO ratio clip")
