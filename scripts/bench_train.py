@@ -64,7 +64,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     peak = matmul_peak_gflops(device, torch.float32)
-    print(f"fp32 matmul peak: {peak:,.1f} GFLOP/s (2048^2, median of 7)")
+    print(f"fp32 matmul peak: {peak:,.1f} GFLOP/s (2048^2, median of 15 after 1 s of warm-up)")
     if device.type == "cpu":
         print(f"bf16 matmul: {matmul_peak_gflops(device, torch.bfloat16, n=512, repeats=3):,.2f} GFLOP/s (512^2)")
     corpus = data.load_corpus(None, max(PRESETS[p].context_len for p in args.presets.split(",")))
