@@ -12,6 +12,17 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after it: tiny matmuls and byte-at-a-time decoding only
+    wait on a second thread, above all on a shared CPU. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def text_dir(tmp_path):
     """A small folder of text documents (about 40 KB), enough for tiny-preset training."""
     folder = tmp_path / "corpus"

@@ -18,13 +18,7 @@ TINY = replace(PRESETS["tiny"], context_len=256)  # room for memory lines next t
 WORLD = WorldConfig(size=8, n_food=6, steps=24)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread only adds contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_policy(n=4, seed=0, **agent_kw):

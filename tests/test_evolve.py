@@ -26,13 +26,7 @@ CFG = PRESETS["tiny"]
 FITNESS = np.array([0.3, 0.9, 0.1, 0.5, 0.7, 0.2, 0.05, 0.4, 0.6, 0.8])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only waits on a shared CPU. Other tests get theirs back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def population(n=10, rank=4, bank_rank=None, meta=False, seed=0):

@@ -23,13 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MULTIBYTE = "héllo wörld, 世界 🙂!\n\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Byte-at-a-time decoding of a tiny model is fastest on one thread, above all on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
