@@ -95,9 +95,11 @@ def main(argv=None) -> int:
         first = rows[0][1][0]
         live_per_tick = np.mean([r["live_s"] for _, recs in rows for r in recs if r["strategy"] != "evolution"]
                                 or [np.nan]) / args.steps
-        mem = {quant: memory(EvolveConfig(base=base, preset=args.preset, out=str(root / f"memory-{quant}"), agents=args.agents,
-                                          quant=quant, memory=args.memory, device="cpu", progress=False), BreedConfig())
-               for quant in dict.fromkeys([args.quant, "int8"])}
+        mem = {}
+        for quant in dict.fromkeys([args.quant, "int8"]):  # the runs' base, and the int8 one the target names
+            cfg = EvolveConfig(base=base, preset=args.preset, out=str(root / f"memory-{quant}"), agents=args.agents,
+                               quant=quant, memory=args.memory, device="cpu", progress=False)
+            mem[quant] = memory(cfg, BreedConfig())
     print(f"\n{'strategy':10s} | {'best % oracle':>13s} | {'median % oracle':>15s} | {'peak best %':>11s} | "
           f"{'wall s/cycle':>12s} | {'live s':>6s} | {'eval s':>6s}")
     for strategy, recs in rows:
