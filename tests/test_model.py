@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from h2q import checkpoint
 from h2q.cli import UserError
 from h2q.config import PRESETS, ModelConfig
-from h2q.model import Transformer
+from h2q.model import SPLIT_ROWS, Transformer, linear
 from h2q.tokenizer import encode
 
 
@@ -23,6 +23,20 @@ def test_causality():
     a, b = model(ids), model(changed)
     assert torch.equal(a[:, :25], b[:, :25])
     assert not torch.allclose(a[:, 25:], b[:, 25:])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 2), (SPLIT_ROWS + 1, 1), (7,)])
+def test_split_linear_equals_f_linear_with_gradients(shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, 24, requires_grad=True)
+    weight = torch.randn(18, 24, requires_grad=True)
+    y = linear(x, weight)
+    assert y.shape == (*shape, 18)
+    torch.testing.assert_close(y, F.linear(x, weight))
+    grads = torch.autograd.grad(y.square().sum(), (x, weight))
+    expected = torch.autograd.grad(F.linear(x, weight).square().sum(), (x, weight))
+    for got, want in zip(grads, expected):  # sums of ~24 products in another order: fp32 rounding
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_logits_shape_and_config_roundtrip():
