@@ -6,7 +6,7 @@ import torch
 from h2q import tokenizer
 from h2q.cli import UserError
 from h2q.config import PRESETS
-from h2q.generate import TextStreamer, generate, generate_batch, sample_next
+from h2q.generate import TextStreamer, compiled_decoder, generate, generate_batch, sample_next
 from h2q.kvcache import make_cache
 from h2q.model import Transformer
 
@@ -69,6 +69,17 @@ def test_batch_of_different_lengths_equals_single_prompts(model):
     batch = generate_batch(model, prompts, 12, temperature=0, stop=())
     for prompt, out in zip(prompts, batch):
         assert out == generate(model, prompt, 12, temperature=0, stop=())
+
+
+def test_compiled_decoding_equals_eager(model):
+    prompts = [b"twenty agents decide", b"a", bytes(range(40, 75))]
+    stop = [generate_batch(model, prompts, 12, temperature=0, stop=())[1][4]]  # rows stop: pad masks
+    eager = generate_batch(model, prompts, 12, temperature=0, stop=stop)
+    assert generate_batch(model, prompts, 12, temperature=0, stop=stop, compile=True) == eager
+    cache, ids = make_cache("full", CFG, 1, 20), torch.tensor([tokenizer.encode(b"sixteen bytes ok")])
+    with torch.inference_mode():
+        steps = [compiled_decoder(model)(ids[:, t:t + 1], cache=cache)[:, -1] for t in range(16)]  # batch 1
+        torch.testing.assert_close(torch.stack(steps, 1), model(ids), rtol=1e-4, atol=1e-4)
 
 
 def test_batch_rows_stop_independently(model):
