@@ -31,7 +31,7 @@ from h2q.evolve import (OraclePolicy, RandomPolicy, Renderer, World, WorldConfig
 from h2q.evolve.agent import KV_POLICIES, AgentConfig, AgentPolicy, make_bank  # noqa: E402
 from h2q.evolve.learner import Learner, LearnerConfig  # noqa: E402
 from h2q.model import Transformer  # noqa: E402
-from h2q.perf import matmul_peak_gflops  # noqa: E402
+from h2q.perf import matmul_peak_gflops, weight_matmul_seconds  # noqa: E402
 
 
 def parse_args(argv):
@@ -124,6 +124,8 @@ def main(argv=None):
     # a batched decision cannot beat its FLOPs at the matmul peak: that caps what batching can win
     peak = matmul_peak_gflops(device) * 1e9
     decision_flops = n * obs.shape[1] * model.flops_per_token(policy.prefix_len + obs.shape[1], training=False)
+    with torch.no_grad():
+        t_matmuls = weight_matmul_seconds(model, n * obs.shape[1], args.latency_reps)
 
     learner = Learner(policy, learner_cfg)
     render = Renderer() if args.render else None
@@ -150,6 +152,7 @@ def main(argv=None):
         "batched_speedup": t_separate / t_batched, "loop_ticks_per_s": loop_tps,
         "matmul_peak_gflops": peak / 1e9, "decision_gflop": decision_flops / 1e9,
         "batched_speedup_bound": t_separate / (decision_flops / peak),
+        "decision_weight_matmuls_ms": 1e3 * t_matmuls, "batched_speedup_bound_measured": t_separate / t_matmuls,
         "updates": learner.updates, "skipped": learner.skipped, "restored": learner.restored,
         "bytes": {**bytes_held, "total": sum(bytes_held.values())},
     }
@@ -163,6 +166,9 @@ def main(argv=None):
     print(f"  bound: the batched step is {results['decision_gflop']:.2f} GFLOP, >= {1e3 * decision_flops / peak:.1f} ms "
           f"at the {peak / 1e9:.0f} GFLOP/s matmul peak, so batching wins at most "
           f"{results['batched_speedup_bound']:.1f}x here")
+    print(f"  measured: its weight matmuls alone ({n * obs.shape[1]} rows through every weight matrix) take "
+          f"{results['decision_weight_matmuls_ms']:.1f} ms, so batching wins at most "
+          f"{results['batched_speedup_bound_measured']:.1f}x here")
     print(f"whole loop with learning: {loop_tps:.2f} ticks/s ({learner.updates} updates, "
           f"{learner.skipped} skipped, {learner.restored} restored)")
     print("bytes held: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in results["bytes"].items()))
