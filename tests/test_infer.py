@@ -230,3 +230,10 @@ def test_quant_switches_come_from_the_kept_float_weights(ckpt, monkeypatch):
     s.set_quant("none")
     assert s.model is s.float_model
     assert all(torch.equal(v, before[k]) for k, v in s.float_model.state_dict().items())
+
+
+def test_compile_covers_float_weights_only(ckpt):
+    s = session(ckpt, compile=True)
+    assert s.compiled and s.decoder is not s.model and "decode compiled" in s.weights_label()
+    s.set_quant("int8")  # compiled int8/int4 layers gave wrong bytes: those decode eagerly
+    assert not s.compiled and s.decoder is s.model and "eager" in s.weights_label()
