@@ -74,7 +74,7 @@ def decode_tokens_per_s(model, policy: str, batch: int, prompt_len: int, new_tok
         if row == 0:
             stamps.append(time.perf_counter())
 
-    for run in range(2 if compile else 1):
+    for _ in range(2 if compile else 1):
         stamps.clear()
         generate_batch(model, prompts, new_tokens, temperature=1.0, seed=0, stop=(), cache_policy=policy,
                        cache_len=max_len, cache_opts=opts, on_token=clock, compile=compile)

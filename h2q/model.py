@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from h2q.config import ModelConfig
 
 
+SPLIT_ROWS = 4  # up to here the split wins; at 8+ rows F.linear's matrix-matrix kernels are as fast
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear without bias, with a faster path for decoding on CPU. For a few rows, MKL runs the
     product as matrix-vector kernels that read weights from memory at ~8 GB/s (measured on the small
@@ -42,9 +45,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     blocks = weight.view(2, -1, weight.shape[1])  # (2, N/2, K)
     y = torch.bmm(blocks, x.reshape(rows, -1).T.expand(2, -1, -1))  # (2, N/2, rows)
     return y.permute(2, 0, 1).reshape(*x.shape[:-1], weight.shape[0])  # (..., N)
-
-
-SPLIT_ROWS = 4  # up to here the split wins; at 8+ rows F.linear's matrix-matrix kernels are as fast
 
 
 class Linear(nn.Linear):

@@ -17,38 +17,13 @@ import torch
 import torch.nn.functional as F
 
 
-def matmul_peak_gflops(device, dtype=torch.float32, n: int = 2048, repeats: int = 15, warmup_s: float = 1.0) -> float:
-    """Median GFLOP/s of an n x n x n matmul over `repeats`, after `warmup_s` seconds of the same work
-    (a cold thread pool or a clock still ramping up otherwise halves the figure now and then)."""
-    device = torch.device(device)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-
+def median_seconds(work, device, repeats: int, warmup_s: float) -> float:
+    """Median wall seconds of `work()` over `repeats`, after `warmup_s` seconds of the same work
+    (a cold thread pool or a clock still ramping up otherwise halves a figure now and then)."""
     def one() -> float:
         t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    start = time.perf_counter()
-    while time.perf_counter() - start < warmup_s:
-        one()
-    return 2 * n**3 / statistics.median(one() for _ in range(repeats)) / 1e9
-
-
-def weight_matmul_seconds(model, rows: int, repeats: int = 10, warmup_s: float = 0.5) -> float:
-    """Median seconds of F.linear over every weight matrix of `model` (each nn.Linear and the tied
-    output head) with `rows` input rows: the part of a forward of `rows` tokens that no arrangement
-    of the rest (attention, norms, adapters, Python) can remove."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.embed.weight]
-    inputs = {k: torch.randn(rows, k, device=w.device, dtype=w.dtype) for w in weights for k in [w.shape[1]]}
-
-    def one() -> float:
-        t = time.perf_counter()
-        for w in weights:
-            F.linear(inputs[w.shape[1]], w)
-        if weights[0].device.type == "cuda":
+        work()
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
@@ -56,3 +31,20 @@ def weight_matmul_seconds(model, rows: int, repeats: int = 10, warmup_s: float =
     while time.perf_counter() - start < warmup_s:
         one()
     return statistics.median(one() for _ in range(repeats))
+
+
+def matmul_peak_gflops(device, dtype=torch.float32, n: int = 2048, repeats: int = 15, warmup_s: float = 1.0) -> float:
+    """GFLOP/s of an n x n x n matmul (median over `repeats`, after `warmup_s` of warm-up)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / median_seconds(lambda: a @ b, device, repeats, warmup_s) / 1e9
+
+
+def weight_matmul_seconds(model, rows: int, repeats: int = 10, warmup_s: float = 0.5) -> float:
+    """Median seconds of F.linear over every weight matrix of `model` (each nn.Linear and the tied
+    output head) with `rows` input rows: the part of a forward of `rows` tokens that no arrangement
+    of the rest (attention, norms, adapters, Python) can remove."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.embed.weight]
+    device = weights[0].device
+    inputs = {k: torch.randn(rows, k, device=device, dtype=w.dtype) for w in weights for k in [w.shape[1]]}
+    return median_seconds(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], device, repeats, warmup_s)
