@@ -16,7 +16,7 @@ A seed makes a run reproducible. `on_token` streams each new token id as soon as
 binary stream to pass the bytes on raw).
 
 `compile=True` runs the decode steps through `torch.compile(model, dynamic=True)` (prefill stays
-eager): one graph per cache policy and batch shape, compiled at the first step (~20 s for `small` on
+eager): one graph per cache policy and batch shape, compiled at the first step (10-20 s for `small` on
 2 CPU cores) and kept for the model's lifetime. At batch 1 on CPU a step is then about twice as fast,
 as the many small elementwise ops of a one-token forward fuse (scripts/bench_kv.py measures both).
 """
