@@ -14,9 +14,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from h2q.cli import UserError
-from h2q.infer import (NEWLINE, Conversation, InferConfig, Session, newest_cycle, newest_run, population,
-                       stream_to)
+from h2q.errors import ConfigError, H2QError
+from h2q.infer import NEWLINE, Conversation, InferConfig, Session, newest_cycle, newest_run, population, stream_to
 from h2q.kvcache import policies
 from h2q.quant import model_bytes
 
@@ -78,7 +77,10 @@ class Repl:
             return self._run(name, arg)
         except ValueError:
             self.usage(name)
-        except UserError as e:
+        except ConfigError as e:  # a setting out of range: name the command that sets it
+            command = next((c for c, (attr, _) in SETTINGS.items() if attr == e.field), e.field)
+            self.say(f"error: {command} {e.problem}")
+        except H2QError as e:
             self.say(f"error: {e}")
         return True
 
@@ -239,7 +241,7 @@ def demo(cfg: InferConfig, out=None) -> int:
     for mode in ("none", "int8", "int4"):
         try:
             session.set_quant(mode)
-        except UserError as e:
+        except H2QError as e:
             rows.append([mode, "-", "-", "-", f"skipped: {e}"[:60]])
             continue
         rows.append(_measure(session, "fp32" if mode == "none" else mode, prompt, cfg.kv))
@@ -274,7 +276,7 @@ def _demo_agents(say, session: Session, prompt: str) -> None:
         title = f"{agent.get('id', 'agent')} (slot {agent['slot']}, fitness {last_fitness(agent):.4g})"
         try:
             session.set_adapter(str(agent["slot"]))
-        except UserError as e:
+        except H2QError as e:
             columns.append((title, f"(cannot load: {e})"))
             continue
         reply = Conversation(session, "full").reply(prompt.encode(), lambda token: None, lambda notice: None)

@@ -8,7 +8,7 @@ old one with `os.replace`, so a kill at any moment leaves the previous file whol
 * `train_state.safetensors` (training runs only): model weights *and* optimizer state and RNG states
   in one file, with the step and data position in its metadata, so resume reads one consistent state.
 
-Anything wrong with a file the user points at raises `UserError` with one line that says what to do.
+Anything wrong with a file the user points at raises `H2QError` with one line that says what to do.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from h2q import tokenizer
-from h2q.cli import UserError
 from h2q.config import ModelConfig
+from h2q.errors import H2QError
 from h2q.model import Transformer
 
 FORMAT = "h2q-model-v1"
@@ -66,16 +66,16 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 
 def read_tensors(path: str | Path, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict]:
-    """Load a safetensors file; a missing, truncated or corrupt file is a UserError."""
+    """Load a safetensors file; a missing, truncated or corrupt file is a H2QError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
+        raise H2QError(f"{what} not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         return load_file(str(path)), metadata
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{what} {path} is unreadable or corrupt ({e}); restore it or retrain") from None
+        raise H2QError(f"{what} {path} is unreadable or corrupt ({e}); restore it or retrain") from None
 
 
 def model_metadata(config: ModelConfig, **extra: str) -> dict[str, str]:
@@ -84,13 +84,13 @@ def model_metadata(config: ModelConfig, **extra: str) -> dict[str, str]:
 
 def config_from_metadata(metadata: dict, path) -> ModelConfig:
     if metadata.get("format") != FORMAT or "config" not in metadata:
-        raise UserError(f"{path} is not an h2q model checkpoint (no '{FORMAT}' metadata)")
+        raise H2QError(f"{path} is not an h2q model checkpoint (no '{FORMAT}' metadata)")
     if metadata.get("tokenizer", tokenizer.NAME) != tokenizer.NAME:
-        raise UserError(f"{path} uses tokenizer {metadata['tokenizer']!r}, this h2q reads {tokenizer.NAME!r}")
+        raise H2QError(f"{path} uses tokenizer {metadata['tokenizer']!r}, this h2q reads {tokenizer.NAME!r}")
     try:
         return ModelConfig.from_dict(json.loads(metadata["config"]))
     except (ValueError, TypeError) as e:
-        raise UserError(f"{path} has an invalid model config: {e}") from None
+        raise H2QError(f"{path} has an invalid model config: {e}") from None
 
 
 def model_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -128,7 +128,7 @@ def load_model(ckpt: str | Path, device="cpu") -> tuple[Transformer, dict]:
     """Rebuild the model from a checkpoint folder (or model file) alone; returns (model, metadata)."""
     path = resolve_model_file(ckpt)
     if not path.exists():
-        raise UserError(f"no model checkpoint at {path}; run `python train.py` first")
+        raise H2QError(f"no model checkpoint at {path}; run `python train.py` first")
     tensors, metadata = read_tensors(path, "model checkpoint")
     model = Transformer(config_from_metadata(metadata, path))
     if "quant" in metadata:  # a quantized checkpoint: swap in empty quantized modules (lazy: quant imports us)
@@ -144,8 +144,8 @@ def load_weights(model: Transformer, tensors: dict[str, torch.Tensor], path) -> 
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise UserError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise H2QError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     for k, v in tensors.items():
         if v.shape != expected[k].shape:
-            raise UserError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config needs {tuple(expected[k].shape)}")
+            raise H2QError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config needs {tuple(expected[k].shape)}")
     model.load_state_dict(tensors)

@@ -1,13 +1,63 @@
-"""Model configuration: one typed dataclass and a small dict of named presets.
+"""Configuration: the model's typed dataclass with a small dict of named presets, and `option`, the
+field helper of every run config.
 
-Follows gpt-fast's `ModelArgs` + `transformer_configs`: a checkpoint stores `asdict(config)` in its
-metadata, so `ModelConfig.from_dict` rebuilds the model without any other input.
+`ModelConfig` follows gpt-fast's `ModelArgs` + `transformer_configs`: a checkpoint stores
+`asdict(config)` in its metadata, so `ModelConfig.from_dict` rebuilds the model without any other input.
+
+Run configs (training, inference, evolution, worlds) are dataclasses whose fields are made with
+`option(default, help, ...)`: the help text, the allowed choices and the allowed range live next to
+the field. `check_options(config)`, called from each config's `__post_init__`, enforces them (numbers
+finite, inside their range, choices among theirs) and raises `ConfigError` naming the field; the CLI
+(h2q/cli.py) builds one flag per field from the same metadata, so `--help` shows each range.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from h2q.errors import ConfigError
 from h2q.tokenizer import VOCAB_SIZE
+
+
+def option(default, help: str, *, choices=None, at_least=None, above=None, at_most=None, below=None,
+           metavar: str | None = None, cli: bool = True):
+    """A dataclass field with its help text, choices and range (bounds inclusive: at_least / at_most;
+    exclusive: above / below). None as a value always passes: it means "not set"."""
+    bounds = {k: v for k, v in dict(at_least=at_least, above=above, at_most=at_most, below=below).items()
+              if v is not None}
+    meta = {"help": help, "choices": list(choices) if choices is not None else None, "bounds": bounds,
+            "metavar": metavar, "cli": cli}
+    return field(default=default, metadata=meta)
+
+
+def range_text(bounds: dict) -> str:
+    """'>= 1', '> 0 and <= 1', ... for help texts and messages."""
+    signs = {"at_least": ">=", "above": ">", "at_most": "<=", "below": "<"}
+    return " and ".join(f"{signs[k]} {v:g}" if isinstance(v, float) else f"{signs[k]} {v}" for k, v in bounds.items())
+
+
+def check_options(config) -> None:
+    """Every `option` field of `config` finite, in its range and among its choices, else ConfigError."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if value is None or isinstance(value, bool):
+            continue
+        choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds") or {}
+        if choices is not None and value not in choices:
+            raise ConfigError(f.name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        if not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f.name, f"must be a finite number, got {value}")
+        low_ok = value >= bounds.get("at_least", -math.inf) and value > bounds.get("above", -math.inf)
+        high_ok = value <= bounds.get("at_most", math.inf) and value < bounds.get("below", math.inf)
+        if not (low_ok and high_ok):
+            raise ConfigError(f.name, f"must be {range_text(bounds)}, got {value}")
+
+
+def option_default(f):
+    """The default of a dataclass field (its factory's product for mutable defaults)."""
+    return f.default if f.default is not MISSING else f.default_factory()
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ import torch
 
 from h2q import tokenizer
 from h2q.checkpoint import atomic_write, atomic_write_json
-from h2q.cli import UserError
+from h2q.errors import H2QError
 
 FORMAT = "h2q-corpus-v1"
 MANIFEST = "manifest.json"
@@ -129,7 +129,7 @@ def write_corpus(folder: Path, documents: list[Document], source: dict, log=prin
         else:
             sizes[doc.name] = len(data)
     if not sizes:
-        raise UserError(f"no text files in {source['source']} ({len(skipped['binary'])} binary files "
+        raise H2QError(f"no text files in {source['source']} ({len(skipped['binary'])} binary files "
                         "skipped); put .txt/.md/.py or other text files there")
     mode = "documents" if len(sizes) >= MIN_DOCS_FOR_DOC_SPLIT else "tail"
     val_names = choose_val_documents(sizes) if mode == "documents" else set()
@@ -246,13 +246,13 @@ def prepare_data_dir(data_dir: str | Path, root: str | Path = "data", log=print)
     """The prepared folder for `data_dir` under root, rebuilt when its files changed."""
     top = Path(data_dir).expanduser().resolve()
     if not top.exists():
-        raise UserError(f"data folder {data_dir} does not exist; check the --data-dir path")
+        raise H2QError(f"data folder {data_dir} does not exist; check the --data-dir path")
     if not top.is_dir():
-        raise UserError(f"--data-dir {data_dir} is a file; put it in a folder of its own and pass the folder")
+        raise H2QError(f"--data-dir {data_dir} is a file; put it in a folder of its own and pass the folder")
     try:
         os.scandir(top).close()
     except OSError as e:
-        raise UserError(f"data folder {data_dir} is unreadable ({e.strerror}); fix its permissions") from None
+        raise H2QError(f"data folder {data_dir} is unreadable ({e.strerror}); fix its permissions") from None
     cache_root = Path(root).resolve()
     tag = re.sub(r"[^A-Za-z0-9._-]", "_", top.name) or "root"
     folder = cache_root / f"{tag}-{sha256_bytes(str(top).encode('utf-8', 'surrogateescape'))[:8]}"
@@ -301,7 +301,7 @@ def load_corpus(data_dir: str | None, block_size: int, root: str | Path = "data"
     for split in SPLITS:
         size = manifest["files"][f"{split}.bin"]["bytes"]
         if size < block_size + 1:
-            raise UserError(f"the {split} split of {manifest['source']} has {size} bytes, fewer than one "
+            raise H2QError(f"the {split} split of {manifest['source']} has {size} bytes, fewer than one "
                             f"context window + 1 ({block_size + 1}); add more text or use a shorter context")
     arrays = {s: np.memmap(folder / f"{s}.bin", dtype=np.uint8, mode="r") for s in SPLITS}
     return Corpus(train=arrays["train"], val=arrays["val"], folder=folder, manifest=manifest)

@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 import torch
 
 from h2q import tokenizer
-from h2q.cli import UserError
+from h2q.errors import H2QError
 from h2q.kvcache import KVCache, make_cache, policies, prefill
 
 
@@ -55,11 +55,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not temperature >= 0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise H2QError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be >= 1, got {top_k}")
+        raise H2QError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+        raise H2QError(f"top_p must be in (0, 1], got {top_p}")
 
 
 class TextStreamer:
@@ -84,7 +84,7 @@ def prompt_ids(prompt: str | bytes | Iterable[int]) -> list[int]:
     """A prompt as ids; an empty prompt starts a fresh document (EOT), so there is a token to predict from."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, (str, bytes)) else [int(i) for i in prompt]
     if any(not 0 <= i <= tokenizer.EOT for i in ids):
-        raise UserError("prompt ids must be bytes 0..255 or EOT (256)")
+        raise H2QError("prompt ids must be bytes 0..255 or EOT (256)")
     return ids or [tokenizer.EOT]
 
 
@@ -95,7 +95,7 @@ def cache_length(policy: str, prompt_len: int, max_new_tokens: int, context_len:
         return context_len
     need = prompt_len + max(max_new_tokens - 1, 0)  # the last sampled token is never fed back
     if prefix_len + need > context_len:
-        raise UserError(f"prefix ({prefix_len}) + prompt ({prompt_len}) + {max_new_tokens} new tokens exceed "
+        raise H2QError(f"prefix ({prefix_len}) + prompt ({prompt_len}) + {max_new_tokens} new tokens exceed "
                         f"the model's context of {context_len}; shorten them or use cache policy 'window'")
     return need
 
@@ -128,9 +128,9 @@ def generate_batch(model, prompts: list, max_new_tokens: int = 256, *, temperatu
     `compiled_decoder(model)`."""
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise H2QError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if cache_policy not in policies():
-        raise UserError(f"unknown cache policy {cache_policy!r}; choose one of {', '.join(policies())}")
+        raise H2QError(f"unknown cache policy {cache_policy!r}; choose one of {', '.join(policies())}")
     ids = [prompt_ids(p) for p in prompts]
     weight = model.embed.weight
     if cache is None:

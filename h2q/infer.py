@@ -23,20 +23,21 @@ Sampling and caches are h2q/generate.py's and h2q/kvcache.py's; one-shot calls h
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from h2q.checkpoint import load_model
-from h2q.cli import UserError, add_dataclass_flags, dataclass_from_args, resolve_device, run_main
+from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, resolve_device, run_main
+from h2q.config import check_options, option
+from h2q.errors import H2QError
 from h2q.generate import TextStreamer, check_sampling, compiled_decoder, generate, sample_next
 from h2q.kvcache import make_cache, policies, prefill
 from h2q.lora import count_bytes, load_adapter
@@ -49,41 +50,34 @@ NEWLINE = 10
 STOP = [NEWLINE, NEWLINE]  # a blank line ends a reply
 
 
-def _flag(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class InferConfig:
-    ckpt: str = _flag("checkpoints/base", "model checkpoint folder (or model.safetensors file)")
-    prompt: str | None = _flag(None, "one-shot: continue TEXT ('-' reads stdin); stdout gets only the new text")
-    interactive: bool = _flag(False, "open the chat REPL")
-    mode: str = _flag("auto", "auto: one-shot with --prompt, else the REPL; demo: a scripted tour",
+    ckpt: str = option("checkpoints/base", "model checkpoint folder (or model.safetensors file)")
+    prompt: str | None = option(None, "one-shot: continue TEXT ('-' reads stdin); stdout gets only the new text")
+    interactive: bool = option(False, "open the chat REPL")
+    mode: str = option("auto", "auto: one-shot with --prompt, else the REPL; demo: a scripted tour",
                       choices=["auto", "chat", "demo"])
-    adapter: str = _flag("none", "LoRA adapter: a folder, an agent id (a0013) or slot number of an evolve run, or none")
-    run: str | None = _flag(None, "evolve run folder for agent ids; none = the newest under checkpoints/evolve")
-    quant: str = _flag("none", "weight quantization applied after loading", choices=list(QUANT_MODES))
-    group_size: int = _flag(64, "int4 group size (32, 64 or 128)")
-    kv: str = _flag("full", "KV-cache policy", choices=list(policies()))
-    max_new_tokens: int = _flag(200, "bytes to generate at most (per reply in the REPL)")
-    temperature: float = _flag(0.8, "sampling temperature (0 = greedy)")
-    top_k: int = _flag(0, "keep the k most likely bytes (0 = off)")
-    top_p: float = _flag(0.95, "nucleus sampling mass (1 = off)")
-    seed: int | None = _flag(None, "random seed, the same seed gives the same text; none = a fresh one each run")
-    compile: bool = _flag(False, "torch.compile the decode steps of float weights: 10-40 s once per KV policy "
+    adapter: str = option("none", "LoRA adapter: a folder, an agent id (a0013) or slot number of an evolve run, or none")
+    run: str | None = option(None, "evolve run folder for agent ids; none = the newest under checkpoints/evolve")
+    quant: str = option("none", "weight quantization applied after loading", choices=list(QUANT_MODES))
+    group_size: int = option(64, "int4 group size", choices=[32, 64, 128])
+    kv: str = option("full", "KV-cache policy", choices=list(policies()))
+    max_new_tokens: int = option(200, "bytes to generate at most (per reply in the REPL)", at_least=1)
+    temperature: float = option(0.8, "sampling temperature (0 = greedy)", at_least=0, at_most=100)
+    top_k: int = option(0, "keep the k most likely bytes (0 = off)", at_least=0)
+    top_p: float = option(0.95, "nucleus sampling mass (1 = off)", above=0, at_most=1)
+    seed: int | None = option(None, "random seed, the same seed gives the same text; none = a fresh one each run",
+                             at_least=0, below=2**63)
+    compile: bool = option(False, "torch.compile the decode steps of float weights: 10-40 s once per KV policy "
                                  "and adapter shape, then up to 2x faster decoding on CPU")
-    device: str = _flag("auto", "auto, cpu or cuda")
+    device: str = option("auto", "auto, cpu or cuda")
+
+    def __post_init__(self):
+        check_options(self)
 
     def sampling(self) -> dict:
         """Keyword arguments for h2q.generate (after checking them)."""
-        if self.max_new_tokens < 1:
-            raise UserError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
-        if self.top_k < 0:
-            raise UserError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top-p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
+        check_options(self)
         top_k, top_p = self.top_k or None, (self.top_p if self.top_p < 1 else None)
         check_sampling(self.temperature, top_k, top_p)
         return dict(temperature=self.temperature, top_k=top_k, top_p=top_p)
@@ -100,7 +94,7 @@ def newest_cycle(run: Path) -> Path:
     cycles = sorted((c for c in run.glob("cycle_*") if c.is_dir() and c.name[6:].isdigit()),
                     key=lambda c: int(c.name[6:]))
     if not cycles:
-        raise UserError(f"evolve run {run} has no cycle_NNN folders yet; let `python evolve.py` finish a cycle")
+        raise H2QError(f"evolve run {run} has no cycle_NNN folders yet; let `python evolve.py` finish a cycle")
     return cycles[-1]
 
 
@@ -123,7 +117,7 @@ def resolve_adapter(spec: str, run: str | None = None) -> tuple[Path, str] | Non
     run_dir = Path(run) if run else newest_run()
     if run_dir is None or not run_dir.is_dir():
         where = run or f"{EVOLVE_ROOT}/"
-        raise UserError(f"{spec!r} is not an adapter folder, and there is no evolve run in {where} to find an "
+        raise H2QError(f"{spec!r} is not an adapter folder, and there is no evolve run in {where} to find an "
                         f"agent in; give a folder, or run `python evolve.py` first")
     agents = population(run_dir)
     if spec.isdigit():
@@ -134,12 +128,12 @@ def resolve_adapter(spec: str, run: str | None = None) -> tuple[Path, str] | Non
         slot = next((a.get("slot") for a in agents if str(a.get("id", "")).lower() == agent_id), None)
         if slot is None:
             alive = ", ".join(sorted(str(a.get("id")) for a in agents)[:20]) or "none listed"
-            raise UserError(f"{spec!r} is neither an adapter folder nor a living agent of {run_dir} "
+            raise H2QError(f"{spec!r} is neither an adapter folder nor a living agent of {run_dir} "
                             f"(agents: {alive}); use an id, a slot number or a folder")
     cycle = newest_cycle(run_dir)
     folder = cycle / f"agent_{int(slot):02d}"
     if not folder.is_dir():
-        raise UserError(f"no adapter for slot {slot} in {cycle}; slots there: "
+        raise H2QError(f"no adapter for slot {slot} in {cycle}; slots there: "
                         f"{', '.join(sorted(d.name[6:] for d in cycle.glob('agent_*')))}")
     label = f"{agent_id or 'agent'} (slot {slot}, {cycle.name} of {run_dir})"
     return folder, label
@@ -176,10 +170,10 @@ class Session:
 
     def set_quant(self, mode: str) -> None:
         if mode not in QUANT_MODES:
-            raise UserError(f"quantization {mode!r} is not one of {', '.join(QUANT_MODES)}")
+            raise H2QError(f"quantization {mode!r} is not one of {', '.join(QUANT_MODES)}")
         if quant_scheme(self.float_model) is not None:
             if mode != "none":
-                raise UserError(f"{self.cfg.ckpt} is already quantized ({describe(self.float_model)}); "
+                raise H2QError(f"{self.cfg.ckpt} is already quantized ({describe(self.float_model)}); "
                                 f"load the float checkpoint to choose another quantization")
             return
         key = (mode, self.cfg.group_size if mode == "int4" else None)
@@ -246,7 +240,7 @@ class Conversation:
 
     def set_policy(self, policy: str) -> None:
         if policy not in policies():
-            raise UserError(f"KV policy {policy!r} is not one of {', '.join(policies())}")
+            raise H2QError(f"KV policy {policy!r} is not one of {', '.join(policies())}")
         self.policy, self.evicts = policy, policies()[policy].evicts
         self.invalidate()
 
@@ -358,7 +352,7 @@ def read_prompt(prompt: str) -> bytes:
     """--prompt TEXT as the bytes the user typed (odd bytes survive via os.fsencode); '-' reads stdin."""
     data = sys.stdin.buffer.read() if prompt == "-" else os.fsencode(prompt)
     if not data:
-        raise UserError("the prompt is empty; give --prompt TEXT (or pipe text into --prompt -)")
+        raise H2QError("the prompt is empty; give --prompt TEXT (or pipe text into --prompt -)")
     return data
 
 
@@ -383,7 +377,7 @@ def one_shot(session: Session, out=None, err=None) -> list[int]:
 
 # -- entry ---------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="infer.py", description="Generate with the byte-level model: "
+    parser = Parser(prog="infer.py", description="Generate with the byte-level model: "
                                      "one-shot (--prompt), interactive (--interactive) or a demo (--mode demo).")
     add_dataclass_flags(parser, InferConfig)
     cfg = dataclass_from_args(InferConfig, parser.parse_args(argv))

@@ -29,7 +29,9 @@ class CacheEval:
 
 def eval_windows(val: np.ndarray, ctx: int, n_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Evenly spaced windows of the validation bytes -> inputs and next-byte targets, (N, ctx) each."""
-    from h2q.data import windows_to_batch  # NUL document separators become EOT, as in training
+    from h2q.data import (
+        windows_to_batch,  # NUL document separators become EOT, as in training
+    )
 
     last_start = len(val) - ctx - 1
     if last_start < 0:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,8 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from h2q.checkpoint import atomic_write_json, fingerprint, read_tensors, save_tensors
-from h2q.cli import UserError
-from h2q.config import ModelConfig
+from h2q.config import ModelConfig, check_options, option
+from h2q.errors import ConfigError, H2QError
 from h2q.model import Transformer
 
 FORMAT = "h2q-lora-v1"
@@ -60,31 +60,23 @@ LINEARS = {
 MUTATION_FLOOR = 1e-3
 
 
-def _flag(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int = _flag(8, "LoRA rank")
-    alpha: float = _flag(16.0, "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --rslora)")
-    dropout: float = _flag(0.0, "dropout on the adapter's input while training")
-    targets: str = _flag(",".join(LINEARS), "comma-separated linear names to adapt")
-    rslora: bool = _flag(False, "rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023)")
+    r: int = option(8, "LoRA rank", at_least=1)
+    alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with rslora)", above=0)
+    dropout: float = option(0.0, "dropout on the adapter's input while training", at_least=0, below=1)
+    targets: str = option(",".join(LINEARS), "comma-separated linear names to adapt")
+    rslora: bool = option(False, "rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023)")
 
     def __post_init__(self):
         names = self.targets.split(",") if isinstance(self.targets, str) else list(self.targets)
         names = [n.strip() for n in names if n.strip()]
         unknown = sorted(set(names) - set(LINEARS))
         if unknown or not names:
-            raise UserError(f"LoRA targets {unknown or 'none'} are not linears of this model; choose from {','.join(LINEARS)}")
+            raise ConfigError("targets", f"{unknown or 'none'} are not linears of this model; choose from "
+                              f"{','.join(LINEARS)}")
         object.__setattr__(self, "targets", ",".join(n for n in LINEARS if n in names))  # model order
-        if self.r < 1:
-            raise UserError(f"LoRA rank must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise UserError(f"LoRA alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        check_options(self)
 
     @property
     def target_names(self) -> tuple[str, ...]:
@@ -209,7 +201,7 @@ class LoraAdapter(_LoraFactors):
         for key in self.slot:  # check every module before changing any
             module = modules.get(key)
             if not isinstance(module, nn.Linear) or not module.weight.is_floating_point():
-                raise UserError(f"cannot merge a LoRA adapter into {key} ({type(module).__name__}): it has no "
+                raise H2QError(f"cannot merge a LoRA adapter into {key} ({type(module).__name__}): it has no "
                                 f"float weight (a quantized base?); run the adapter unmerged via "
                                 f"model(ids, adapters=adapter), or merge into the float base")
             weights[key] = module.weight
@@ -239,32 +231,32 @@ def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / CONFIG_FILE
     if not config_path.is_file():
-        raise UserError(f"no LoRA adapter in {adapter_dir} (missing {CONFIG_FILE}); train one with --lora-rank")
+        raise H2QError(f"no LoRA adapter in {adapter_dir} (missing {CONFIG_FILE}); train one with --lora-rank")
     try:
         meta = json.loads(config_path.read_text(encoding="utf-8"))
         config = LoraConfig(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta["lora_dropout"]),
                             targets=",".join(meta["target_modules"]), rslora=bool(meta["use_rslora"]))
         base_config = ModelConfig.from_dict(meta["base_model_config"])
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{config_path} is not a valid h2q adapter config ({e}); re-save the adapter") from None
+        raise H2QError(f"{config_path} is not a valid h2q adapter config ({e}); re-save the adapter") from None
     if base_config != base_model.config:
         diff = ", ".join(f"{k} {v} vs {getattr(base_model.config, k)}" for k, v in base_config.to_dict().items()
                          if getattr(base_model.config, k) != v)
-        raise UserError(f"adapter {adapter_dir} was made for another base shape ({diff}); load it onto its own base")
+        raise H2QError(f"adapter {adapter_dir} was made for another base shape ({diff}); load it onto its own base")
     if check_fingerprint and meta.get("base_fingerprint") != fingerprint(base_model):
-        raise UserError(f"adapter {adapter_dir} was trained on base {meta.get('base_fingerprint')}, not this base "
+        raise H2QError(f"adapter {adapter_dir} was trained on base {meta.get('base_fingerprint')}, not this base "
                         f"{fingerprint(base_model)}; use its own base (or check_fingerprint=False on purpose)")
     tensors, _ = read_tensors(adapter_dir / ADAPTER_FILE, "adapter weights")
     adapter = LoraAdapter(base_model.config, config, init=False)
     expected = adapter.tensors()
     if tensors.keys() != expected.keys():
-        raise UserError(f"{adapter_dir / ADAPTER_FILE} does not match its config "
+        raise H2QError(f"{adapter_dir / ADAPTER_FILE} does not match its config "
                         f"(missing {sorted(expected.keys() - tensors.keys())[:3]}, "
                         f"unexpected {sorted(tensors.keys() - expected.keys())[:3]}); re-save the adapter")
     with torch.no_grad():
         for k, t in expected.items():
             if tensors[k].shape != t.shape:
-                raise UserError(f"{adapter_dir / ADAPTER_FILE}: {k} has shape {tuple(tensors[k].shape)}, "
+                raise H2QError(f"{adapter_dir / ADAPTER_FILE}: {k} has shape {tuple(tensors[k].shape)}, "
                                 f"its config needs {tuple(t.shape)}; re-save the adapter")
             t.copy_(tensors[k])
     return adapter.to(device if device is not None else base_model.embed.weight.device)
@@ -359,9 +351,9 @@ def _check_compatible(adapters: list[_LoraFactors], same_rank: bool = True) -> N
     first = adapters[0]
     for other in adapters[1:]:
         if other.base_config != first.base_config or other.config.targets != first.config.targets:
-            raise UserError("adapters belong to different bases or target different linears; combine only siblings")
+            raise H2QError("adapters belong to different bases or target different linears; combine only siblings")
         if same_rank and (other.config.r, other.scaling) != (first.config.r, first.scaling):
-            raise UserError(f"adapters differ in rank/scaling (r={first.config.r} vs r={other.config.r}); "
+            raise H2QError(f"adapters differ in rank/scaling (r={first.config.r} vs r={other.config.r}); "
                             f"combine them with merge_product_space")
 
 

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from h2q.config import ModelConfig
 
-
 SPLIT_ROWS = 4  # up to here the split wins; at 8+ rows F.linear's matrix-matrix kernels are as fast
 
 

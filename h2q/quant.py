@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from h2q.checkpoint import MODEL_FILE, fingerprint, model_metadata, save_tensors
-from h2q.cli import UserError
+from h2q.config import option
+from h2q.errors import ConfigError, H2QError
 
 FORMAT = "h2q-quant-v1"
 MODES = ("int8", "int4")
@@ -143,11 +144,11 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def check_group_size(in_features: int, group_size: int, name: str = "weight") -> None:
     if group_size not in GROUP_SIZES:
-        raise UserError(f"int4 group size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
+        raise ConfigError("group_size", f"{group_size} is not one of {', '.join(map(str, GROUP_SIZES))} (int4)")
     if in_features % group_size:
-        fits = [str(g) for g in GROUP_SIZES if in_features % g == 0] or ["none (use --mode int8)"]
-        raise UserError(f"int4 group size {group_size} does not divide the input size {in_features} of "
-                        f"{name}; use --group-size {' or '.join(fits)}")
+        fits = [str(g) for g in GROUP_SIZES if in_features % g == 0] or ["none (use int8)"]
+        raise ConfigError("group_size", f"{group_size} does not divide the input size {in_features} of "
+                                        f"{name}; use {' or '.join(fits)}")
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 64, clip_search: bool = True):
@@ -377,25 +378,21 @@ QUANTIZED_TYPES = (Int8Linear, Int4Linear, Int8Embedding)
 
 
 # -- the scheme and the swap --------------------------------------------------------------------------
-def _flag(default, help, **extra):
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass(frozen=True)
 class QuantScheme:
-    mode: str = _flag("int8", "int8: per output channel; int4: group-wise, two per byte", choices=MODES)
-    group_size: int = _flag(64, "int4 group along the input dimension (32, 64 or 128)")
-    clip_search: bool = _flag(True, "search each row's / group's clip range for the least error")
-    embedding: bool = _flag(False, "also quantize the tied embedding / output head (int8 per row)")
-    gptq: bool = _flag(False, "GPTQ error compensation from calibration batches of the training data")
+    mode: str = option("int8", "int8: per output channel; int4: group-wise, two per byte", choices=MODES)
+    group_size: int = option(64, "int4 group along the input dimension", choices=GROUP_SIZES)
+    clip_search: bool = option(True, "search each row's / group's clip range for the least error")
+    embedding: bool = option(False, "also quantize the tied embedding / output head (int8 per row)")
+    gptq: bool = option(False, "GPTQ error compensation from calibration batches of the training data")
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise UserError(f"quantization mode {self.mode!r} is not one of {', '.join(MODES)}")
+            raise ConfigError("mode", f"{self.mode!r} is not one of {', '.join(MODES)}")
         if self.mode == "int8":
             object.__setattr__(self, "group_size", None)  # per channel: no groups
         elif self.group_size not in GROUP_SIZES:
-            raise UserError(f"int4 group size {self.group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
+            raise ConfigError("group_size", f"{self.group_size} is not one of {', '.join(map(str, GROUP_SIZES))} (int4)")
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, **asdict(self)}, sort_keys=True)
@@ -407,8 +404,8 @@ class QuantScheme:
             if d.pop("format", None) != FORMAT:
                 raise ValueError(f"format is not {FORMAT}")
             return cls(**d)
-        except (ValueError, TypeError, AttributeError, UserError) as e:
-            raise UserError(f"{path} has a quantization scheme this h2q cannot read ({e}); "
+        except (ValueError, TypeError, AttributeError, H2QError) as e:
+            raise H2QError(f"{path} has a quantization scheme this h2q cannot read ({e}); "
                             f"re-run scripts/quantize.py on the float model") from None
 
     def describe(self) -> str:
@@ -430,7 +427,7 @@ def _swap_linears(module: nn.Module, make, prefix: str = "") -> None:
 
 def _check_quantizable(model: nn.Module, scheme: QuantScheme) -> None:
     if quant_scheme(model) is not None:
-        raise UserError(f"the model is already quantized ({quant_scheme(model).describe()}); "
+        raise H2QError(f"the model is already quantized ({quant_scheme(model).describe()}); "
                         f"start from the float model")
     if scheme.mode == "int4":
         for name, m in model.named_modules():

@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 
 from h2q.checkpoint import STATE_FILE, atomic_write, atomic_write_text, read_tensors
-from h2q.cli import UserError
+from h2q.errors import H2QError
 from h2q.lora import ADAPTER_FILE, CONFIG_FILE, LINEARS, LoraConfig
 
 INSTALL_HINT = "the report draws with matplotlib, which is not installed; install it with: pip install -e .[plot]"
@@ -42,7 +42,7 @@ def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UserError(INSTALL_HINT) from None
+        raise H2QError(INSTALL_HINT) from None
 
 
 def _figure(nrows: int, ncols: int, width: float, height: float):
@@ -62,7 +62,7 @@ def _save(fig, path: Path) -> Path:
 # -- reading a run ---------------------------------------------------------------------------------
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSON-lines log. A last line without its newline is a record still being
-    appended by a live run and is left out; any other broken line is a UserError."""
+    appended by a live run and is left out; any other broken line is a H2QError."""
     lines = path.read_text(encoding="utf-8").split("\n")
     records = []
     for number, line in enumerate(lines, 1):
@@ -73,9 +73,9 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             if number == len(lines):
                 continue
-            raise UserError(f"{path} line {number} is not JSON; repair or delete that line") from None
+            raise H2QError(f"{path} line {number} is not JSON; repair or delete that line") from None
         if not isinstance(record, dict):
-            raise UserError(f"{path} line {number} is not a JSON object; repair or delete that line")
+            raise H2QError(f"{path} line {number} is not a JSON object; repair or delete that line")
         records.append(record)
     return records
 
@@ -84,7 +84,7 @@ def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is unreadable ({e}); restore it or re-run") from None
+        raise H2QError(f"{path} is unreadable ({e}); restore it or re-run") from None
 
 
 def _cycle_dirs(run_dir: Path) -> dict[int, Path]:
@@ -94,7 +94,7 @@ def _cycle_dirs(run_dir: Path) -> dict[int, Path]:
 def detect_kind(run_dir: Path) -> str:
     """'train' or 'evolve', from the files present (a bare metrics.jsonl: from its first record)."""
     if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist; give a training run (e.g. checkpoints/base) "
+        raise H2QError(f"run folder {run_dir} does not exist; give a training run (e.g. checkpoints/base) "
                         f"or an evolve run (e.g. checkpoints/evolve/RUN)")
     if any((run_dir / n).is_file() for n in ("population.json", "evolution_stats.json")) or _cycle_dirs(run_dir):
         return "evolve"
@@ -106,7 +106,7 @@ def detect_kind(run_dir: Path) -> str:
         return "evolve"
     if first and "val_loss" in first[0]:
         return "train"
-    raise UserError(f"{run_dir} holds neither a training run (metrics.jsonl, training_log.json) nor an evolve "
+    raise H2QError(f"{run_dir} holds neither a training run (metrics.jsonl, training_log.json) nor an evolve "
                     f"run (metrics.jsonl, population.json, cycle_NNN/); point at the run's own folder")
 
 
@@ -114,7 +114,7 @@ def _metrics(run_dir: Path, x_key: str) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     records = [r for r in read_jsonl(path) if isinstance(r.get(x_key), (int, float))] if path.is_file() else []
     if not records:
-        raise UserError(f"nothing to report yet: {path} holds no records with '{x_key}'; "
+        raise H2QError(f"nothing to report yet: {path} holds no records with '{x_key}'; "
                         f"wait for the run's first {'evaluation' if x_key == 'step' else 'cycle'}")
     return records
 
@@ -132,14 +132,14 @@ def adapter_norms(adapter_dir: Path) -> dict[str, float]:
         scaling = LoraConfig(r=int(config["r"]), alpha=float(config["lora_alpha"]),
                              rslora=bool(config.get("use_rslora", False))).scaling
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{adapter_dir / CONFIG_FILE} is not an h2q adapter config ({e}); re-save the adapter") from None
+        raise H2QError(f"{adapter_dir / CONFIG_FILE} is not an h2q adapter config ({e}); re-save the adapter") from None
     tensors, _ = read_tensors(adapter_dir / ADAPTER_FILE, "adapter weights")
     norms = {}
     for name, A in tensors.items():
         if name.endswith(".lora_A"):
             key = name[: -len(".lora_A")]
             if key + ".lora_B" not in tensors:
-                raise UserError(f"{adapter_dir / ADAPTER_FILE} has {name} without its lora_B; re-save the adapter")
+                raise H2QError(f"{adapter_dir / ADAPTER_FILE} has {name} without its lora_B; re-save the adapter")
             A, B = A.double(), tensors[key + ".lora_B"].double()  # (r, in), (out, r)
             # ||B A||_F^2 = trace(A^T B^T B A) = <B^T B, A A^T>: two (r, r) products, no (out, in) delta
             squared = ((B.T @ B) * (A @ A.T)).sum().clamp(min=0)
@@ -414,7 +414,7 @@ STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Draw the run's figures into `out_dir` (default RUN_DIR/report/) and write report.html there;
-    returns the path of report.html. A missing, empty or unknown run folder is a UserError."""
+    returns the path of report.html. A missing, empty or unknown run folder is a H2QError."""
     run_dir = Path(run_dir)
     kind = detect_kind(run_dir)
     _require_matplotlib()

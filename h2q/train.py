@@ -14,14 +14,13 @@ own batches, rank 0 alone writes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,47 +29,48 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from h2q import checkpoint, data
-from h2q.cli import UserError, add_dataclass_flags, dataclass_from_args, resolve_device, run_main
-from h2q.config import PRESETS, ModelConfig
+from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, resolve_device, run_main
+from h2q.config import PRESETS, check_options, option
+from h2q.errors import H2QError
 from h2q.model import Transformer
-
-
-def _flag(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class TrainConfig:
-    data_dir: str | None = _flag(None, "folder of text files; none = the default corpus built from this Python installation")
-    data_root: str = _flag("data", "where prepared corpora are cached")
-    out: str | None = _flag(None, "output folder (default checkpoints/base, or checkpoints/adapters/lora for --lora-rank)")
-    preset: str = _flag("auto", "model size; auto: base on CUDA, mini on CPU (what learns most in a CPU budget)",
-                        choices=["auto", *PRESETS])
-    steps: int = _flag(0, "optimizer steps to run (0 = use --epochs or --time-budget)")
-    epochs: float = _flag(0.0, "passes over the train split (0 = use --steps or --time-budget)")
-    time_budget: float = _flag(15.0, "wall-clock minutes when neither --steps nor --epochs is set")
-    batch_size: int = _flag(8, "sequences per micro-step")
-    block_size: int = _flag(0, "sequence length (0 = the model's context length)")
-    grad_accum: int = _flag(1, "micro-steps per optimizer step")
-    lr: float = _flag(2e-3, "peak learning rate")
-    min_lr_frac: float = _flag(0.1, "cosine decays to lr * this")
-    warmup: int = _flag(50, "linear warmup steps")
-    weight_decay: float = _flag(0.1, "AdamW decay on weight matrices only")
-    beta2: float = _flag(0.99, "AdamW beta2 (0.99 suits small batches)")
-    grad_clip: float = _flag(1.0, "clip gradient norm to this (0 = off)")
-    eval_every: int = _flag(100, "evaluate every N steps")
-    eval_batches: int = _flag(16, "validation batches per evaluation")
-    save_every: int = _flag(200, "checkpoint every N steps")
-    device: str = _flag("auto", "auto, cpu or cuda")
-    dtype: str = _flag("auto", "autocast dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16",
-                       choices=["auto", "float32", "bfloat16"])
-    compile: bool = _flag(False, "torch.compile the model")
-    seed: int = _flag(1337, "random seed")
-    resume: bool = _flag(False, "continue the run saved in --out")
-    init_from: str | None = _flag(None, "base checkpoint to fine-tune an adapter on (with --lora-rank)")
-    lora_rank: int = _flag(0, "train only a LoRA adapter of this rank on a frozen --init-from base")
-    lora_alpha: float = _flag(16.0, "LoRA alpha (scaling alpha/r)")
-    progress: bool = _flag(True, "show the progress bar")
+    data_dir: str | None = option(None, "folder of text files; none = the default corpus built from this Python installation")
+    data_root: str = option("data", "where prepared corpora are cached")
+    out: str | None = option(None, "output folder (default checkpoints/base, or checkpoints/adapters/lora for --lora-rank)")
+    preset: str = option("auto", "model size; auto: base on CUDA, mini on CPU (what learns most in a CPU budget)",
+                         choices=["auto", *PRESETS])
+    steps: int = option(0, "optimizer steps to run (0 = use --epochs or --time-budget)", at_least=0)
+    epochs: float = option(0.0, "passes over the train split (0 = use --steps or --time-budget)", at_least=0)
+    time_budget: float = option(15.0, "wall-clock minutes when neither --steps nor --epochs is set", above=0)
+    batch_size: int = option(8, "sequences per micro-step", at_least=1)
+    block_size: int = option(0, "sequence length (0 = the model's context length)", at_least=0)
+    grad_accum: int = option(1, "micro-steps per optimizer step", at_least=1)
+    lr: float = option(2e-3, "peak learning rate", above=0, at_most=10)
+    min_lr_frac: float = option(0.1, "cosine decays to lr * this", at_least=0, at_most=1)
+    warmup: int = option(50, "linear warmup steps", at_least=0)
+    weight_decay: float = option(0.1, "AdamW decay on weight matrices only", at_least=0)
+    beta2: float = option(0.99, "AdamW beta2 (0.99 suits small batches)", at_least=0, below=1)
+    grad_clip: float = option(1.0, "clip gradient norm to this (0 = off)", at_least=0)
+    eval_every: int = option(100, "evaluate every N steps", at_least=1)
+    eval_batches: int = option(16, "validation batches per evaluation", at_least=1)
+    save_every: int = option(200, "checkpoint every N steps", at_least=1)
+    device: str = option("auto", "auto, cpu or cuda")
+    dtype: str = option("auto", "autocast dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16",
+                        choices=["auto", "float32", "bfloat16"])
+    compile: bool = option(False, "torch.compile the model")
+    seed: int = option(1337, "random seed", at_least=0, below=2**63)
+    resume: bool = option(False, "continue the run saved in --out")
+    init_from: str | None = option(None, "base checkpoint to fine-tune an adapter on (with --lora-rank)")
+    lora_rank: int = option(0, "train only a LoRA adapter of this rank on a frozen --init-from base (0 = off)",
+                            at_least=0)
+    lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)", above=0)
+    progress: bool = option(True, "show the progress bar")
+
+    def __post_init__(self):
+        check_options(self)
 
 
 def pick_preset(device: torch.device) -> str:
@@ -134,13 +134,13 @@ class Run:
             self._init_adapter()
         else:
             if cfg.init_from:
-                raise UserError("--init-from fine-tunes an adapter: also give --lora-rank R (e.g. 8)")
+                raise H2QError("--init-from fine-tunes an adapter: also give --lora-rank R (e.g. 8)")
             preset = cfg.preset if cfg.preset != "auto" else pick_preset(self.device)
             self.model = Transformer(PRESETS[preset]).to(self.device)
             self.trainable = self.model
         self.block_size = cfg.block_size or self.model.config.context_len
         if self.block_size > self.model.config.context_len:
-            raise UserError(f"--block-size {self.block_size} exceeds the model's context {self.model.config.context_len}")
+            raise H2QError(f"--block-size {self.block_size} exceeds the model's context {self.model.config.context_len}")
         self.corpus = data.load_corpus(cfg.data_dir, self.block_size, root=cfg.data_root,
                                        log=print if rank == 0 else (lambda *a, **k: None))
         self.optimizer = make_optimizer(list(self.trainable.named_parameters()), cfg, self.device)
@@ -151,9 +151,9 @@ class Run:
         from h2q import lora
         cfg = self.cfg
         if not cfg.init_from:
-            raise UserError("--lora-rank trains an adapter on a frozen base: also give --init-from checkpoints/base")
+            raise H2QError("--lora-rank trains an adapter on a frozen base: also give --init-from checkpoints/base")
         if self.out.resolve() == checkpoint.resolve_model_file(cfg.init_from).parent.resolve():
-            raise UserError("--out must differ from the --init-from base folder (e.g. checkpoints/adapters/NAME)")
+            raise H2QError("--out must differ from the --init-from base folder (e.g. checkpoints/adapters/NAME)")
         self.model, _ = checkpoint.load_model(cfg.init_from, self.device)
         lora.freeze_base(self.model)
         self.adapter = lora.LoraAdapter(self.model, lora.LoraConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha)).to(self.device)
@@ -200,12 +200,12 @@ class Run:
     def load(self):
         path = self.out / checkpoint.STATE_FILE
         if not path.exists():
-            raise UserError(f"--resume: no training state in {self.out}; start without --resume")
+            raise H2QError(f"--resume: no training state in {self.out}; start without --resume")
         tensors, meta = checkpoint.read_tensors(path, "training state")
         if json.loads(meta["model_config"]) != self.model.config.to_dict():
-            raise UserError(f"--resume: {path} holds a {meta['model_config']} model; pass the same --preset")
+            raise H2QError(f"--resume: {path} holds a {meta['model_config']} model; pass the same --preset")
         if int(meta["world_size"]) != self.world_size:
-            raise UserError(f"--resume: the run used {meta['world_size']} processes; resume with as many")
+            raise H2QError(f"--resume: the run used {meta['world_size']} processes; resume with as many")
         own = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         self.trainable.load_state_dict(own)
         opt_state: dict = {}
@@ -330,7 +330,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="train.py", description="Train the byte-level base model, or a "
+    parser = Parser(prog="train.py", description="Train the byte-level base model, or a "
                                      "LoRA adapter on a frozen base (--init-from BASE --lora-rank R).")
     add_dataclass_flags(parser, TrainConfig)
     summary = train(dataclass_from_args(TrainConfig, parser.parse_args(argv)))

@@ -15,7 +15,7 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from h2q.checkpoint import atomic_write_json, load_model  # noqa: E402
-from h2q.cli import UserError, resolve_device, run_main  # noqa: E402
+from h2q.cli import resolve_device, run_main  # noqa: E402
 from h2q.config import PRESETS  # noqa: E402
-from h2q.evolve import (OraclePolicy, RandomPolicy, Renderer, World, WorldConfig, evaluate_policy,  # noqa: E402
-                        run_episode)
+from h2q.errors import H2QError  # noqa: E402
+from h2q.evolve import (  # noqa: E402
+    OraclePolicy,
+    RandomPolicy,
+    Renderer,
+    World,
+    WorldConfig,
+    evaluate_policy,
+    run_episode,
+)
 from h2q.evolve.agent import KV_POLICIES, AgentConfig, AgentPolicy, make_bank  # noqa: E402
 from h2q.evolve.learner import Learner, LearnerConfig  # noqa: E402
 from h2q.model import Transformer  # noqa: E402
@@ -59,7 +67,7 @@ def parse_args(argv):
         args.base, args.preset, args.eval_seeds, args.latency_reps = "random", "tiny", 2, 3
         args.steps = min(args.steps, 400)
     if args.agents < 1 or args.steps < 0 or args.eval_seeds < 1:
-        raise UserError("--agents and --eval-seeds must be >= 1 and --steps >= 0")
+        raise H2QError("--agents and --eval-seeds must be >= 1 and --steps >= 0")
     return args
 
 

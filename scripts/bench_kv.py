@@ -20,8 +20,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from h2q import checkpoint, kvbench  # noqa: E402
-from h2q.cli import UserError, resolve_device, run_main  # noqa: E402
+from h2q.cli import resolve_device, run_main  # noqa: E402
 from h2q.config import PRESETS  # noqa: E402
+from h2q.errors import H2QError  # noqa: E402
 from h2q.kvcache import policies  # noqa: E402
 from h2q.model import Transformer  # noqa: E402
 
@@ -67,7 +68,7 @@ def validation_bytes(args, ctx) -> np.ndarray:
     if args.text_file:
         path = Path(args.text_file)
         if not path.is_file():
-            raise UserError(f"--text-file {path} not found")
+            raise H2QError(f"--text-file {path} not found")
         return np.frombuffer(path.read_bytes(), dtype=np.uint8)
     from h2q.data import load_corpus
 
@@ -84,13 +85,13 @@ def check_flags(args, ctx: int) -> None:
     for flag in ("windows", "chunk", "group", "batch", "stream_factor", "threads", "ctx"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+            raise H2QError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     for flag in ("window_len", "h2o_len"):
         value = getattr(args, flag)
         if value is not None and not args.sinks + 2 <= value <= ctx:
-            raise UserError(f"--{flag.replace('_', '-')} must be in [{args.sinks + 2}, {ctx}], got {value}")
+            raise H2QError(f"--{flag.replace('_', '-')} must be in [{args.sinks + 2}, {ctx}], got {value}")
     if args.sinks < 0 or args.sinks + 2 > ctx // 2:
-        raise UserError(f"--sinks must be in [0, {ctx // 2 - 2}], got {args.sinks}")
+        raise H2QError(f"--sinks must be in [0, {ctx // 2 - 2}], got {args.sinks}")
 
 
 def main(argv=None) -> int:
@@ -104,10 +105,10 @@ def main(argv=None) -> int:
     chosen = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = set(chosen) - set(policies())
     if unknown or "full" not in chosen:
-        raise UserError(f"--policies must include 'full' and name only {', '.join(policies())}")
+        raise H2QError(f"--policies must include 'full' and name only {', '.join(policies())}")
     val = validation_bytes(args, ctx)
     if len(val) < ctx + 1:
-        raise UserError(f"the validation text has {len(val)} bytes, fewer than one window of {ctx + 1}")
+        raise H2QError(f"the validation text has {len(val)} bytes, fewer than one window of {ctx + 1}")
     x, y = kvbench.eval_windows(val, ctx, 2 if args.quick else args.windows)
     prompt_len, new_tokens = (ctx // 2, 16) if args.quick else (ctx // 2, ctx // 2)
     print(f"model {model.config}, {torch.get_num_threads()} threads, context {ctx}, {x.shape[0]} windows "

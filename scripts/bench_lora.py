@@ -25,8 +25,9 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from h2q import checkpoint, lora  # noqa: E402
-from h2q.cli import UserError, run_main  # noqa: E402
+from h2q.cli import run_main  # noqa: E402
 from h2q.config import PRESETS  # noqa: E402
+from h2q.errors import H2QError  # noqa: E402
 from h2q.model import Transformer  # noqa: E402
 from h2q.perf import matmul_peak_gflops  # noqa: E402
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         model, source = Transformer(PRESETS["small"]).eval(), "random `small` base"
     else:
         if not checkpoint.resolve_model_file(args.ckpt).exists():
-            raise UserError(f"no base checkpoint at {args.ckpt}; train one (python train.py) or pass --random")
+            raise H2QError(f"no base checkpoint at {args.ckpt}; train one (python train.py) or pass --random")
         model, _ = checkpoint.load_model(args.ckpt)
         source = f"base {args.ckpt}"
     lora.freeze_base(model)

@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from h2q import checkpoint, data, quant  # noqa: E402
-from h2q.cli import UserError, resolve_device, run_main  # noqa: E402
+from h2q.cli import resolve_device, run_main  # noqa: E402
 from h2q.config import PRESETS  # noqa: E402
+from h2q.errors import H2QError  # noqa: E402
 from h2q.model import Transformer  # noqa: E402
 from h2q.train import TrainConfig, evaluate  # noqa: E402
 
@@ -104,11 +105,11 @@ def main(argv=None) -> int:
         print(f"untrained random {args.preset} model: its numbers say nothing about a trained model's sensitivity")
     else:
         if not checkpoint.resolve_model_file(args.ckpt).exists():
-            raise UserError(f"no checkpoint at {args.ckpt}; train one (python train.py) "
+            raise H2QError(f"no checkpoint at {args.ckpt}; train one (python train.py) "
                             f"or pass --random --preset small")
         base, _ = checkpoint.load_model(args.ckpt)
         if quant.quant_scheme(base) is not None:
-            raise UserError(f"{args.ckpt} is already quantized; point --ckpt at the float model")
+            raise H2QError(f"{args.ckpt} is already quantized; point --ckpt at the float model")
     cfg = base.config
     corpus = data.load_corpus(args.data_dir, cfg.context_len, log=lambda *a: None)
     eval_cfg = TrainConfig(batch_size=args.batch_size, eval_batches=args.eval_batches)
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     group_sizes = [g for g in quant.GROUP_SIZES if all(
         m.in_features % g == 0 for m in base.modules() if isinstance(m, torch.nn.Linear))]
     if not group_sizes:
-        raise UserError(f"no int4 group size of {quant.GROUP_SIZES} divides this model's layers")
+        raise H2QError(f"no int4 group size of {quant.GROUP_SIZES} divides this model's layers")
     decode = "KV cache" if make_cache else "no KV cache"
     print(f"{args.ckpt if not args.random else 'random ' + args.preset}: {base.num_params():,} parameters, "
           f"val {args.eval_batches}x{args.batch_size}x{cfg.context_len} bytes, decode {args.new_tokens} tokens "

@@ -80,7 +80,7 @@ def main(argv=None):
                   f"| {tok_s:,.0f} | {mfu:.1%} | {tok_s / REFERENCE_TOK_S:.2f}x |", flush=True)
     if args.budget_min <= 0:
         return 0
-    print(f"\n| preset | wall-clock budget | steps | tokens | val bits/byte |")
+    print("\n| preset | wall-clock budget | steps | tokens | val bits/byte |")
     print("|---|---|---|---|---|")
     for preset in args.budget_presets.split(","):
         with tempfile.TemporaryDirectory() as out:

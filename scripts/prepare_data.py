@@ -5,18 +5,17 @@ The work happens in h2q/data.py; training would do the same on its first run.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from h2q import data  # noqa: E402
-from h2q.cli import run_main  # noqa: E402
+from h2q.cli import Parser, run_main  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None, help="folder of text files (default: the Python installation)")
     parser.add_argument("--root", default="data", help="where prepared corpora are cached (default: data)")
     args = parser.parse_args(argv)

@@ -8,7 +8,6 @@ it like any checkpoint. With --gptq, calibration batches come from the training 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from h2q import checkpoint, quant  # noqa: E402
-from h2q.cli import UserError, add_dataclass_flags, dataclass_from_args, run_main  # noqa: E402
+from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, run_main  # noqa: E402
+from h2q.errors import H2QError  # noqa: E402
 
 
 def calibration_batches(data_dir, context_len: int, batches: int, batch_size: int, seq_len: int | None, seed: int):
@@ -31,7 +31,7 @@ def calibration_batches(data_dir, context_len: int, batches: int, batch_size: in
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default="checkpoints/base",
                         help="float checkpoint folder (default: checkpoints/base)")
     parser.add_argument("--out", required=True, help="folder for the quantized checkpoint")
@@ -45,9 +45,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     scheme = dataclass_from_args(quant.QuantScheme, args)
     if Path(args.out).resolve() == Path(args.ckpt).resolve():
-        raise UserError(f"--out {args.out} is the float checkpoint itself; choose another folder")
+        raise H2QError(f"--out {args.out} is the float checkpoint itself; choose another folder")
     if args.calib_batches < 1 or args.calib_batch_size < 1:
-        raise UserError("--calib-batches and --calib-batch-size must be at least 1")
+        raise H2QError("--calib-batches and --calib-batch-size must be at least 1")
 
     model, metadata = checkpoint.load_model(args.ckpt, "cpu")
     float_bytes = quant.model_bytes(model)

@@ -6,18 +6,17 @@ RUN_DIR/report/). The work happens in h2q/report.py; it needs matplotlib (`pip i
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from h2q.cli import run_main  # noqa: E402
+from h2q.cli import Parser, run_main  # noqa: E402
 from h2q.report import write_report  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a training run or evolve run folder")
     parser.add_argument("--out", default=None, help="where to write the figures and report.html (default: RUN_DIR/report)")
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from h2q import data
-from h2q.cli import UserError
+from h2q.errors import H2QError
 from h2q.tokenizer import EOT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,22 +129,22 @@ def test_is_binary():
 
 
 def test_user_errors(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(H2QError, match="does not exist"):
         data.load_corpus(str(tmp_path / "missing"), 32, root=tmp_path / "cache", log=quiet)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(UserError, match="no text files"):
+    with pytest.raises(H2QError, match="no text files"):
         data.load_corpus(str(empty), 32, root=tmp_path / "cache", log=quiet)
     (empty / "blob.bin").write_bytes(b"\x00\x01\x02")
-    with pytest.raises(UserError, match=r"no text files .*1 binary"):
+    with pytest.raises(H2QError, match=r"no text files .*1 binary"):
         data.load_corpus(str(empty), 32, root=tmp_path / "cache", log=quiet)
     (tmp_path / "a.txt").write_text("x")
-    with pytest.raises(UserError, match="is a file"):
+    with pytest.raises(H2QError, match="is a file"):
         data.load_corpus(str(tmp_path / "a.txt"), 32, root=tmp_path / "cache", log=quiet)
     if os.geteuid() != 0:  # root reads anything
         locked = tmp_path / "locked"
         locked.mkdir(mode=0)
-        with pytest.raises(UserError, match="unreadable"):
+        with pytest.raises(H2QError, match="unreadable"):
             data.load_corpus(str(locked), 32, root=tmp_path / "cache", log=quiet)
 
 
@@ -152,7 +152,7 @@ def test_too_small_corpus_is_a_user_error(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "input.txt").write_bytes(make_doc(0, 100))
-    with pytest.raises(UserError, match="split .* fewer than one context window"):
+    with pytest.raises(H2QError, match="split .* fewer than one context window"):
         data.load_corpus(str(src), block_size=64, root=tmp_path / "cache", log=quiet)
     corpus = data.load_corpus(str(src), block_size=8, root=tmp_path / "cache", log=quiet)
     assert len(corpus.val) >= 9

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from h2q import lora
-from h2q.cli import UserError
 from h2q.config import PRESETS
-from h2q.evolve.evolution import (BreedConfig, Population, diversity, elite_count, merge_weight, next_generation,
-                                  ranking)
+from h2q.errors import H2QError
+from h2q.evolve.evolution import BreedConfig, Population, diversity, elite_count, merge_weight, next_generation, ranking
 from h2q.evolve.grid_env import GridEnv
 from h2q.evolve.run import EvolveConfig, evolve
 from h2q.evolve.text_env import TextConfig
@@ -114,7 +112,7 @@ def test_adaptive_rank_grows_elites_children_and_keeps_updates_exact():
     for key in own.slot:  # the zero-padded copy in the bank does exactly the agent's own update
         assert torch.allclose(padded.delta(key), own.delta(key), atol=1e-6)
     for bad in (dict(strategy="meta"), dict(crossover="factors")):
-        with pytest.raises(UserError):
+        with pytest.raises(H2QError):
             BreedConfig(adaptive_rank=True, **bad)
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from h2q import tokenizer
-from h2q.cli import UserError
 from h2q.config import PRESETS
+from h2q.errors import H2QError
 from h2q.generate import TextStreamer, compiled_decoder, generate, generate_batch, sample_next
 from h2q.kvcache import make_cache
 from h2q.model import Transformer
@@ -106,7 +106,7 @@ def test_window_streams_4x_context_in_fixed_memory(model):
                    on_token=lambda t: sizes.append(cache.nbytes))
     assert len(out) == 4 * CFG.context_len
     assert len(set(sizes)) == 1 and int(cache.alive.sum()) == CFG.context_len
-    with pytest.raises(UserError, match="context"):
+    with pytest.raises(H2QError, match="context"):
         generate(model, "stream", 4 * CFG.context_len, cache_policy="full")
 
 
@@ -119,5 +119,5 @@ def test_sample_next_shapes_and_greedy():
 
 def test_bad_sampling_options_are_user_errors(model):
     for options in ({"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"cache_policy": "zip"}):
-        with pytest.raises(UserError):
+        with pytest.raises(H2QError):
             generate(model, "x", 3, **options)

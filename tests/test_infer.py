@@ -113,7 +113,7 @@ def test_repl_through_a_pipe(ckpt):
     assert "text continuer" in out  # the banner says what the model is
     assert all(name in out for name in ("/temp X", "/adapter AGENT_ID", "/kv full|int8|int4|window|h2o"))
     assert "temperature 0.5" in out and "usage: /temp X" in out
-    assert "top-k must be >= 0" in out and "top-p must be in (0, 1]" in out
+    assert "error: /topk must be >= 0, got -3" in out and "error: /topp must be > 0 and <= 1, got 2.0" in out
     assert "max_new_tokens 12" in out and "seed 3" in out
     assert "unknown command /frobnicate" in out
     assert "weights int8" in out and "weights int4" in out and "kv window" in out

@@ -9,8 +9,9 @@ import torch.nn as nn
 
 from h2q import lora
 from h2q.checkpoint import fingerprint
-from h2q.cli import UserError, add_dataclass_flags, dataclass_from_args
+from h2q.cli import add_dataclass_flags, dataclass_from_args
 from h2q.config import PRESETS, ModelConfig
+from h2q.errors import H2QError
 from h2q.lora import AdapterBank, LoraAdapter, LoraConfig
 from h2q.model import Transformer
 
@@ -72,7 +73,7 @@ def test_config_scaling_targets_and_flags():
     assert LoraConfig(targets="v_proj, q_proj").targets == "q_proj,v_proj"
     assert LoraConfig(targets=("down_proj", "q_proj")).target_names == ("q_proj", "down_proj")
     for bad in (dict(targets="qkv"), dict(r=0), dict(dropout=1.0), dict(alpha=0)):
-        with pytest.raises(UserError):
+        with pytest.raises(H2QError):
             LoraConfig(**bad)
     parser = argparse.ArgumentParser()
     add_dataclass_flags(parser, LoraConfig)
@@ -142,7 +143,7 @@ def test_merge_unmerge_exact_and_idempotent(model, ids):
 def test_merge_into_quantized_base_is_a_clear_error(model, ids):
     adapter = trained(model)
     quantize_fake(model)
-    with pytest.raises(UserError, match="quantized"):
+    with pytest.raises(H2QError, match="quantized"):
         adapter.merge(model)
     assert not adapter.merged
 
@@ -204,7 +205,7 @@ def test_bank_slot_roundtrip_and_validation(model):
     copy = bank.adapter(1)
     assert all(torch.equal(a, b) for a, b in zip(copy.parameters(), newcomer.parameters()))
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(copy.parameters(), newcomer.parameters()))
-    with pytest.raises(UserError):
+    with pytest.raises(H2QError):
         bank.set_adapter(0, trained(model, LoraConfig(r=2)))
     for bad in ([3], [-2], [[0]]):
         with pytest.raises(ValueError):
@@ -232,17 +233,17 @@ def test_save_load_roundtrip(model, ids, tmp_path):
 def test_load_refuses_other_bases(model, tmp_path):
     trained(model).save(tmp_path / "a", model)
     other_shape = Transformer(ModelConfig(n_layer=2, n_head=2, d_model=32, context_len=64, mlp_hidden=64))
-    with pytest.raises(UserError, match="another base shape"):
+    with pytest.raises(H2QError, match="another base shape"):
         lora.load_adapter(tmp_path / "a", other_shape)
     torch.manual_seed(5)
     retrained = Transformer(CFG)
-    with pytest.raises(UserError, match="check_fingerprint=False"):
+    with pytest.raises(H2QError, match="check_fingerprint=False"):
         lora.load_adapter(tmp_path / "a", retrained)
     assert isinstance(lora.load_adapter(tmp_path / "a", retrained, check_fingerprint=False), LoraAdapter)
-    with pytest.raises(UserError, match="no LoRA adapter"):
+    with pytest.raises(H2QError, match="no LoRA adapter"):
         lora.load_adapter(tmp_path / "missing", model)
     (tmp_path / "a" / lora.ADAPTER_FILE).write_bytes(b"garbage")
-    with pytest.raises(UserError, match="corrupt"):
+    with pytest.raises(H2QError, match="corrupt"):
         lora.load_adapter(tmp_path / "a", model)
 
 
@@ -338,7 +339,7 @@ def test_over_h2q_int8_base(model, ids):
     from h2q import quant
     adapter = trained(model)
     quant.quantize(model, "int8", clip_search=False)
-    with pytest.raises(UserError, match="quantized"):
+    with pytest.raises(H2QError, match="quantized"):
         adapter.merge(model)
     assert not torch.equal(model(ids, adapters=adapter), model(ids))
     model(ids, adapters=adapter).logsumexp(-1).mean().backward()  # QLoRA: train over the int8 base

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from h2q import checkpoint
-from h2q.cli import UserError
 from h2q.config import PRESETS, ModelConfig
+from h2q.errors import H2QError
 from h2q.model import SPLIT_ROWS, Transformer, linear
 from h2q.tokenizer import encode
 
@@ -100,6 +100,6 @@ def test_bad_checkpoint_is_one_clear_error(tmp_path, damage):
         path.write_bytes(b"\x00" * 64)
     else:
         path.unlink()
-    with pytest.raises(UserError) as err:
+    with pytest.raises(H2QError) as err:
         checkpoint.load_model(tmp_path)
     assert "\n" not in str(err.value)

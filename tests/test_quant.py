@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from h2q import checkpoint, lora, quant
-from h2q.cli import UserError, run_main
+from h2q.cli import run_main
 from h2q.config import PRESETS
+from h2q.errors import H2QError
 from h2q.model import Transformer
 
 ROOT = checkpoint.Path(__file__).resolve().parents[1]
@@ -199,18 +200,18 @@ def test_gptq_model_is_an_ordinary_quantized_model():
 
 def test_impossible_settings_are_user_errors():
     model = model_of()  # tiny: d_model 32
-    message = "does not divide the input size 32 of layers.0.attn.q_proj; use --group-size 32$"
-    with pytest.raises(UserError, match=message):
+    message = "^group_size 64 does not divide the input size 32 of layers.0.attn.q_proj; use 32$"
+    with pytest.raises(H2QError, match=message):
         quant.quantize(model, "int4", 64)
     assert isinstance(model.layers[0].attn.q_proj, nn.Linear)  # nothing was swapped
-    with pytest.raises(UserError, match="group size 48"):
+    with pytest.raises(H2QError, match="group_size 48"):
         quant.quantize(model, "int4", 48)
-    with pytest.raises(UserError, match="mode 'int2'"):
+    with pytest.raises(H2QError, match="mode 'int2'"):
         quant.quantize(model, "int2")
     quant.quantize(model, "int8")
-    with pytest.raises(UserError, match="already quantized"):
+    with pytest.raises(H2QError, match="already quantized"):
         quant.quantize(model, "int8")
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(H2QError, match="cannot read"):
         quant.QuantScheme.from_json('{"format": "h2q-quant-v0", "mode": "int8"}')
 
 
@@ -224,4 +225,4 @@ def test_quantize_script(tmp_path, capsys):
     model, meta = checkpoint.load_model(tmp_path / "q")
     assert quant.quant_scheme(model).group_size == 32 and "g32" in capsys.readouterr().out
     assert run_main(script.main, args + ["--out", str(tmp_path / "q2")]) == 2  # default group 64 > d_model 32
-    assert capsys.readouterr().err.startswith("error: int4 group size 64 does not divide")
+    assert capsys.readouterr().err.startswith("error: --group-size 64 does not divide")

@@ -13,8 +13,8 @@ import torch
 
 from h2q import lora
 from h2q.checkpoint import atomic_write_json
-from h2q.cli import UserError
 from h2q.config import PRESETS
+from h2q.errors import H2QError
 from h2q.model import Transformer
 from h2q.report import adapter_norms, detect_kind, read_jsonl, write_report
 from h2q.train import TrainConfig, train
@@ -155,7 +155,7 @@ def test_bad_run_folder_is_one_clear_line(tmp_path, layout):
     if layout == "no_records":
         (run / "metrics.jsonl").write_text("", encoding="utf-8")
         (run / "training_log.json").write_text("{}", encoding="utf-8")
-    with pytest.raises(UserError, match="run folder|neither a training run|nothing to report"):
+    with pytest.raises(H2QError, match="run folder|neither a training run|nothing to report"):
         write_report(run)
 
 
@@ -166,10 +166,10 @@ def test_script_bad_folder_gives_one_line(tmp_path):
 
 
 def test_metrics_of_a_live_run(tmp_path):
-    """A last line still being appended is left out; a broken line elsewhere is a UserError."""
+    """A last line still being appended is left out; a broken line elsewhere is a H2QError."""
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"ste', encoding="utf-8")
     assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
     path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n', encoding="utf-8")
-    with pytest.raises(UserError, match="line 2"):
+    with pytest.raises(H2QError, match="line 2"):
         read_jsonl(path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from h2q.cli import UserError
+from h2q.errors import H2QError
 from h2q.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def test_resume_is_exact(text_dir, tmp_path):
 
 def test_empty_data_dir_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError):
+    with pytest.raises(H2QError):
         train(tiny_config(tmp_path / "empty", tmp_path / "out"))
 
 

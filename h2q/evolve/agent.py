@@ -23,13 +23,14 @@ left-padded with PAD) and `last_logprob`, which the learner stores and trains on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from h2q.cli import UserError
+from h2q.config import check_options, option
+from h2q.errors import ConfigError
 from h2q.evolve.world import ACTIONS, OBS_LEN, WAIT
 from h2q.generate import sample_next
 from h2q.kvcache import make_cache
@@ -43,26 +44,18 @@ KV_POLICIES = ("full", "int8", "window")
 STEP_LEN = OBS_LEN + 2  # what a memory step feeds: previous action, b"\n", observation
 
 
-def _flag(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class AgentConfig:
-    rank: int = _flag(8, "LoRA rank of every agent's adapter (all linear layers)")
-    alpha: float = _flag(16.0, "LoRA alpha (update scaled by alpha/rank)")
-    temperature: float = _flag(1.0, "sampling temperature over the 8 action bytes (0 = greedy)")
-    memory: int = _flag(0, "past (observation, action) lines each agent keeps in its KV cache")
-    kv: str = _flag("window", "cache policy of the memory", choices=list(KV_POLICIES))
-    seed: int = _flag(0, "seed of the adapters' init and of action sampling")
+    rank: int = option(8, "LoRA rank of every agent's adapter (all linear layers)", at_least=1)
+    alpha: float = option(16.0, "LoRA alpha (update scaled by alpha/rank)", above=0)
+    temperature: float = option(1.0, "sampling temperature over the 8 action bytes (0 = greedy)", at_least=0,
+                                at_most=100)
+    memory: int = option(0, "past (observation, action) lines each agent keeps in its KV cache", at_least=0)
+    kv: str = option("window", "cache policy of the memory", choices=list(KV_POLICIES))
+    seed: int = option(0, "seed of the adapters' init and of action sampling", at_least=0, below=2**63)
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.memory < 0:
-            raise UserError(f"memory must be >= 0 lines, got {self.memory}")
-        if self.kv not in KV_POLICIES:
-            raise UserError(f"kv must be one of {', '.join(KV_POLICIES)}, got {self.kv!r}")
+        check_options(self)
 
     def lora(self) -> LoraConfig:
         return LoraConfig(r=self.rank, alpha=self.alpha)
@@ -95,8 +88,8 @@ class AgentPolicy:
         # bytes after the prefix a decision can see: window K past steps, full/int8 up to 2K
         self.context_width = OBS_LEN if K == 0 else (K + 1 if cfg.kv == "window" else 2 * K + 1) * STEP_LEN
         if self.prefix_len + self.context_width > model.config.context_len:
-            raise UserError(f"prefix ({self.prefix_len}) + memory of {K} lines ({self.context_width} bytes) exceed "
-                            f"the base's context of {model.config.context_len}; use a smaller --memory")
+            raise ConfigError("memory", f"of {K} lines ({self.context_width} bytes) and the prefix ({self.prefix_len}) "
+                                        f"exceed the base's context of {model.config.context_len}; use fewer lines")
         self.reset(self.n)
 
     # ---- one forward for many rows ---------------------------------------------------------------

@@ -48,8 +48,8 @@ import numpy as np
 import torch
 
 from h2q import lora
-from h2q.cli import UserError
-from h2q.config import ModelConfig
+from h2q.config import ModelConfig, check_options, option
+from h2q.errors import ConfigError
 from h2q.lora import AdapterBank, LoraAdapter, LoraConfig
 
 STRATEGIES = ("hybrid", "evolution", "gradient", "meta")
@@ -60,49 +60,35 @@ FLOOR_SHARE = 0.1  # the worst agent's shifted fitness, as a share of the popula
 LR_RANGE, TEMPERATURE_RANGE = (1e-6, 1.0), (0.05, 5.0)  # PBT keeps hyperparameters inside these
 
 
-def _flag(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class BreedConfig:
-    strategy: str = _flag("hybrid", "hybrid: learning in life + selection; evolution: selection only; gradient: "
-                          "learning only; meta: Reptile toward the elites", choices=list(STRATEGIES))
-    elite_frac: float = _flag(0.2, "share of agents that pass on unchanged (top by fitness)")
-    mutation_rate: float = _flag(0.05, "Gaussian mutation: noise std as a share of each tensor's RMS")
-    selection: str = _flag("tournament", "how parents are chosen", choices=list(SELECTIONS))
-    tournament: int = _flag(3, "tournament size")
-    crossover: str = _flag("merge", "merge: fitness-weighted merge of the parents' updates (SVD); factors: "
-                           "p1*w + p2*(1-w) on A and B; layer: whole layers from either parent", choices=list(CROSSOVERS))
-    meta_step: float = _flag(0.5, "meta: Reptile step of the meta adapter toward the elites' mean")
-    pbt: bool = _flag(False, "PBT: per-agent learning rate and temperature, inherited and perturbed")
-    pbt_factor: float = _flag(1.25, "PBT explore: multiply a hyperparameter by this or its inverse")
-    adaptive_rank: bool = _flag(False, "evolve each agent's adapter rank (elites' children grow, others shrink)")
-    min_rank: int = _flag(2, "adaptive rank: the smallest rank")
-    max_rank: int = _flag(0, "adaptive rank: the largest rank, the bank's (0 = 2 x --lora-rank)")
-    rank_step: int = _flag(2, "adaptive rank: how much a child's rank grows or shrinks")
+    strategy: str = option("hybrid", "hybrid: learning in life + selection; evolution: selection only; gradient: "
+                           "learning only; meta: Reptile toward the elites", choices=STRATEGIES)
+    elite_frac: float = option(0.2, "share of agents that pass on unchanged (top by fitness)", above=0, below=1)
+    mutation_rate: float = option(0.05, "Gaussian mutation: noise std as a share of each tensor's RMS", at_least=0,
+                                  at_most=10)
+    selection: str = option("tournament", "how parents are chosen", choices=SELECTIONS)
+    tournament: int = option(3, "tournament size", at_least=1)
+    crossover: str = option("merge", "merge: fitness-weighted merge of the parents' updates (SVD); factors: "
+                            "p1*w + p2*(1-w) on A and B; layer: whole layers from either parent", choices=CROSSOVERS)
+    meta_step: float = option(0.5, "meta: Reptile step of the meta adapter toward the elites' mean", above=0,
+                              at_most=1)
+    pbt: bool = option(False, "PBT: per-agent learning rate and temperature, inherited and perturbed")
+    pbt_factor: float = option(1.25, "PBT explore: multiply a hyperparameter by this or its inverse", at_least=1,
+                               at_most=100)
+    adaptive_rank: bool = option(False, "evolve each agent's adapter rank (elites' children grow, others shrink)")
+    min_rank: int = option(2, "adaptive rank: the smallest rank", at_least=1)
+    max_rank: int = option(0, "adaptive rank: the largest rank, the bank's (0 = 2 x the starting rank)", at_least=0)
+    rank_step: int = option(2, "adaptive rank: how much a child's rank grows or shrinks", at_least=1)
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise UserError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if not 0 < self.elite_frac < 1:
-            raise UserError(f"--elite-frac must be in (0, 1), got {self.elite_frac}")
-        if self.mutation_rate < 0:
-            raise UserError(f"--mutation-rate must be >= 0, got {self.mutation_rate}")
-        if self.tournament < 1:
-            raise UserError(f"--tournament must be >= 1, got {self.tournament}")
-        if not 0 < self.meta_step <= 1:
-            raise UserError(f"--meta-step must be in (0, 1], got {self.meta_step}")
-        if self.pbt_factor < 1:
-            raise UserError(f"--pbt-factor must be >= 1, got {self.pbt_factor}")
+        check_options(self)
         if self.adaptive_rank and self.strategy not in ("hybrid", "evolution"):
-            raise UserError(f"--adaptive-rank evolves ranks through breeding: use it with --strategy hybrid or "
-                            f"evolution, not {self.strategy}")
+            raise ConfigError("adaptive_rank", f"evolves ranks through breeding: use it with strategy hybrid or "
+                                               f"evolution, not {self.strategy}")
         if self.adaptive_rank and self.crossover != "merge":
-            raise UserError(f"--adaptive-rank breeds children of a new rank, which only --crossover merge can "
-                            f"make (not {self.crossover})")
-        if self.min_rank < 1 or self.rank_step < 1:
-            raise UserError("--min-rank and --rank-step must be >= 1")
+            raise ConfigError("adaptive_rank", f"breeds children of a new rank, which only crossover merge can "
+                                               f"make (not {self.crossover})")
 
     def bank_rank(self, lora_rank: int) -> int:
         """The rank the bank is allocated at."""
@@ -110,7 +96,8 @@ class BreedConfig:
             return lora_rank
         top = self.max_rank or 2 * lora_rank
         if not self.min_rank <= lora_rank <= top:
-            raise UserError(f"--lora-rank {lora_rank} must lie in [--min-rank {self.min_rank}, --max-rank {top}]")
+            raise ConfigError("lora_rank", f"{lora_rank} must lie in [min_rank {self.min_rank}, max_rank {top}] "
+                                           f"with adaptive rank")
         return top
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from h2q.cli import UserError
+from h2q.errors import ConfigError
 from h2q.evolve import OraclePolicy, RandomPolicy, World, WorldConfig, evaluate_policy, run_episode
 from h2q.evolve.agent import AgentConfig, AgentPolicy
 from h2q.evolve.evolution import Agent, Evaluation
@@ -107,7 +107,7 @@ class GridEnv:
     def __init__(self, model, bank: AdapterBank, world: WorldConfig, eval_episodes: int, knobs: AgentKnobs,
                  render=None):
         if eval_episodes < 1:
-            raise UserError(f"--eval-episodes must be >= 1, got {eval_episodes}")
+            raise ConfigError("eval_episodes", f"must be >= 1, got {eval_episodes}")
         self.bank, self.world, self.eval_episodes, self.render, self.knobs = bank, world, eval_episodes, render, knobs
         self.policy, self.learner = make_agents(model, bank, knobs)
 

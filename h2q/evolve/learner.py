@@ -26,44 +26,39 @@ The update is REINFORCE with a baseline (Williams 1992) in PPO's clipped form (S
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from h2q.cli import UserError
+from h2q.config import check_options, option
+from h2q.errors import ConfigError, H2QError
 from h2q.evolve.agent import AgentPolicy
 from h2q.tokenizer import PAD
 
 log = logging.getLogger("h2q.evolve")
 
 
-def _flag(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class LearnerConfig:
-    lr: float = _flag(2e-3, "Adam learning rate of the adapters")
-    warmup: int = _flag(10, "updates of linear learning-rate warmup")
-    decay: int = _flag(50, "after this many updates the learning rate decays as 1/sqrt(updates) (0 = never)")
-    update_every: int = _flag(8, "ticks between updates")
-    lag: int = _flag(8, "a transition is trained on once this many later rewards are in its return")
-    replay: int = _flag(4, "older transitions replayed per agent and update")
-    buffer: int = _flag(256, "transitions kept per agent")
-    gamma: float = _flag(0.5, "discount of returns")
-    clip: float = _flag(0.2, "PPO ratio clip")
-    entropy: float = _flag(0.01, "entropy bonus weight")
-    target_kl: float = _flag(0.02, "per-agent KL per update the learning rate adapts to (0 = fixed lr)")
-    grad_clip: float = _flag(1.0, "per-agent gradient norm clip (0 = off)")
-    seed: int = _flag(0, "seed of replay sampling")
+    lr: float = option(2e-3, "Adam learning rate of the adapters", above=0, at_most=10)
+    warmup: int = option(10, "updates of linear learning-rate warmup", at_least=0)
+    decay: int = option(50, "after this many updates the learning rate decays as 1/sqrt(updates) (0 = never)", at_least=0)
+    update_every: int = option(8, "ticks between updates", at_least=1)
+    lag: int = option(8, "a transition is trained on once this many later rewards are in its return", at_least=0)
+    replay: int = option(4, "older transitions replayed per agent and update", at_least=0)
+    buffer: int = option(256, "transitions kept per agent", at_least=1)
+    gamma: float = option(0.5, "discount of returns", at_least=0, at_most=1)
+    clip: float = option(0.2, "PPO ratio clip", above=0)
+    entropy: float = option(0.01, "entropy bonus weight", at_least=0)
+    target_kl: float = option(0.02, "per-agent KL per update the learning rate adapts to (0 = fixed lr)", at_least=0)
+    grad_clip: float = option(1.0, "per-agent gradient norm clip (0 = off)", at_least=0)
+    seed: int = option(0, "seed of replay sampling", at_least=0, below=2**63)
 
     def __post_init__(self):
-        if self.update_every < 1 or self.buffer < self.update_every + self.lag:
-            raise UserError(f"need update_every >= 1 and buffer >= update_every + lag, got {self.update_every}, "
-                            f"{self.buffer}, {self.lag}")
-        if not 0 <= self.gamma <= 1 or self.lr <= 0:
-            raise UserError(f"need 0 <= gamma <= 1 and lr > 0, got gamma {self.gamma}, lr {self.lr}")
+        check_options(self)
+        if self.buffer < self.update_every + self.lag:
+            raise ConfigError("buffer", f"must be >= update_every + lag ({self.update_every + self.lag}), got {self.buffer}")
 
 
 class BankAdam:
@@ -119,7 +114,7 @@ class Learner:
 
     def __init__(self, policy: AgentPolicy, cfg: LearnerConfig = LearnerConfig()):
         if policy.cfg.temperature <= 0:
-            raise UserError("learning needs a sampling policy: temperature > 0")
+            raise H2QError("learning needs a sampling policy: temperature > 0")
         self.policy, self.cfg, self.n = policy, cfg, policy.n
         cap, n = cfg.buffer, self.n
         self.context = np.full((cap, n, policy.context_width), PAD, dtype=np.int16)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from h2q import checkpoint
-from h2q.cli import UserError
+from h2q.errors import H2QError
 from h2q.evolve.evolution import Evaluation, Population
 
 RUN_ROOT = Path("checkpoints/evolve")
@@ -33,7 +33,7 @@ def resolve_out(out: str | None, resume: bool) -> Path:
     numbers = [int(m.group(1)) for p in RUN_ROOT.glob("run-*") if (m := re.fullmatch(r"run-(\d+)", p.name))]
     if resume:
         if not numbers:
-            raise UserError(f"--resume: no run under {RUN_ROOT}/ to continue; start without --resume")
+            raise H2QError(f"--resume: no run under {RUN_ROOT}/ to continue; start without --resume")
         return RUN_ROOT / f"run-{max(numbers):03d}"
     return RUN_ROOT / f"run-{max(numbers, default=0) + 1:03d}"
 
@@ -44,7 +44,7 @@ def cycle_dir(out: Path, cycle: int) -> Path:
 
 def start_fresh(out: Path, config: dict) -> None:
     if (out / STATE_DIR / STATE_FILE).exists():
-        raise UserError(f"{out} already holds an evolve run; continue it with --resume or choose another --out")
+        raise H2QError(f"{out} already holds an evolve run; continue it with --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     checkpoint.atomic_write_json(out / "config.json", config)
@@ -53,15 +53,15 @@ def start_fresh(out: Path, config: dict) -> None:
 def check_resumable(out: Path, config: dict, may_change: set[str]) -> None:
     """The saved run's settings must equal `config` except the keys in `may_change`."""
     if not (out / STATE_DIR / STATE_FILE).exists() or not (out / "config.json").exists():
-        raise UserError(f"--resume: no evolve state in {out}; start without --resume")
+        raise H2QError(f"--resume: no evolve state in {out}; start without --resume")
     try:
         saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
     except ValueError as e:
-        raise UserError(f"--resume: {out / 'config.json'} is unreadable ({e}); start a new run") from None
+        raise H2QError(f"--resume: {out / 'config.json'} is unreadable ({e}); start a new run") from None
     changed = sorted(k for k in config if k not in may_change and saved.get(k) != config[k])
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {config[k]!r}" for k in changed[:4])
-        raise UserError(f"--resume: settings differ from the run in {out} ({diffs}); resume with the same flags")
+        raise H2QError(f"--resume: settings differ from the run in {out} ({diffs}); resume with the same flags")
 
 
 def save_cycle(out: Path, cycle: int, population: Population, model, keep_cycles: int = 0) -> None:
@@ -133,7 +133,7 @@ def read_state(out: Path, rank: int, world_size: int):
     """-> (cycle, lineage, population tensors, history, this rank's learner tensors)."""
     tensors, meta = checkpoint.read_tensors(out / STATE_DIR / STATE_FILE, "evolve state")
     if int(meta["world_size"]) != world_size:
-        raise UserError(f"--resume: the run used {meta['world_size']} processes; resume with as many")
+        raise H2QError(f"--resume: the run used {meta['world_size']} processes; resume with as many")
     cycle = int(meta["cycle"])
     env, _ = checkpoint.read_tensors(out / STATE_DIR / f"env_c{cycle:03d}_r{rank}.safetensors", "learner state")
     return cycle, json.loads(meta["lineage"]), tensors, json.loads(meta["history"]), env

@@ -25,12 +25,11 @@ rank 0 alone records, selects and breeds, then broadcasts the bank and the linea
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +38,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from h2q import checkpoint
+from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, resolve_device, run_main
+from h2q.config import PRESETS, check_options, option
+from h2q.errors import H2QError
 from h2q.evolve import records
-from h2q.cli import UserError, add_dataclass_flags, dataclass_from_args, resolve_device, run_main
-from h2q.config import PRESETS
 from h2q.evolve.evolution import LEARNS, BreedConfig, Evaluation, Population, diversity, next_generation
 from h2q.evolve.text_env import TextConfig
 from h2q.lora import AdapterBank, LoraConfig, freeze_base
@@ -53,45 +53,38 @@ DEFAULT_STEPS = {"grid": 200, "text": 20}
 RESUMABLE = {"cycles", "resume", "report", "render", "progress", "device", "out", "keep_cycles", "threads"}
 
 
-def _flag(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class EvolveConfig:
-    base: str = _flag("checkpoints/base", "base checkpoint folder; 'random' = an untrained base of --preset")
-    preset: str = _flag("mini", "model size of --base random", choices=list(PRESETS))
-    out: str | None = _flag(None, "run folder (default checkpoints/evolve/run-NNN, the next free number; "
-                            "with --resume the newest)")
-    cycles: int = _flag(10, "generations to run in all (with --resume: up to this many)")
-    agents: int = _flag(20, "population size")
-    steps: int = _flag(0, "per cycle: world ticks of life (grid) or fine-tuning steps (text); 0 = 200 / 20")
-    eval_episodes: int = _flag(2, "grid: fresh world seeds each agent is scored on per cycle")
-    env: str = _flag("grid", "grid world or text self-evolution on --data-dir", choices=["grid", "text"])
-    lora_rank: int = _flag(8, "adapter rank (the starting rank with --adaptive-rank)")
-    lora_alpha: float = _flag(16.0, "LoRA alpha (update scale alpha/r)")
-    lr: float = _flag(2e-3, "learning rate of the adapters (each agent's starting one under --pbt)")
-    temperature: float = _flag(1.0, "grid: the agents' sampling temperature (one for all)")
-    quant: str = _flag("none", "quantize the base in memory", choices=["none", "int8", "int4"])
-    memory: int = _flag(0, "grid: past (observation, action) lines each agent keeps in its KV cache")
-    kv: str = _flag("window", "grid: KV-cache policy of that memory", choices=["window", "full", "int8"])
-    seed: int = _flag(0, "random seed: the same seed gives the same run")
-    device: str = _flag("auto", "auto, cpu or cuda")
-    threads: int = _flag(0, "torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy CPU")
-    render: bool = _flag(False, "draw the world during each life (rank 0)")
-    resume: bool = _flag(False, "continue the run in --out from its last completed cycle")
-    report: bool = _flag(False, "write OUT/report/report.html at the end (needs matplotlib)")
-    keep_cycles: int = _flag(0, "keep only the newest K cycle_NNN adapter folders (0 = all)")
-    progress: bool = _flag(True, "show a progress bar per cycle")
+    base: str = option("checkpoints/base", "base checkpoint folder; 'random' = an untrained base of --preset")
+    preset: str = option("mini", "model size of --base random", choices=list(PRESETS))
+    out: str | None = option(None, "run folder (default checkpoints/evolve/run-NNN, the next free number; "
+                             "with --resume the newest)")
+    cycles: int = option(10, "generations to run in all (with --resume: up to this many)", at_least=1)
+    agents: int = option(20, "population size", at_least=2)
+    steps: int = option(0, "per cycle: world ticks of life (grid) or fine-tuning steps (text); 0 = 200 / 20",
+                        at_least=0)
+    eval_episodes: int = option(2, "grid: fresh world seeds each agent is scored on per cycle", at_least=1)
+    env: str = option("grid", "grid world or text self-evolution on --data-dir", choices=["grid", "text"])
+    lora_rank: int = option(8, "adapter rank (the starting rank with --adaptive-rank)", at_least=1)
+    lora_alpha: float = option(16.0, "LoRA alpha (update scale alpha/r)", above=0)
+    lr: float = option(2e-3, "learning rate of the adapters (each agent's starting one under --pbt)", above=0,
+                       at_most=10)
+    temperature: float = option(1.0, "grid: the agents' sampling temperature (one for all)", above=0, at_most=100)
+    quant: str = option("none", "quantize the base in memory", choices=["none", "int8", "int4"])
+    memory: int = option(0, "grid: past (observation, action) lines each agent keeps in its KV cache", at_least=0)
+    kv: str = option("window", "grid: KV-cache policy of that memory", choices=["window", "full", "int8"])
+    seed: int = option(0, "random seed: the same seed gives the same run", at_least=0, below=2**63)
+    device: str = option("auto", "auto, cpu or cuda")
+    threads: int = option(0, "torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy CPU",
+                          at_least=0)
+    render: bool = option(False, "draw the world during each life (rank 0)")
+    resume: bool = option(False, "continue the run in --out from its last completed cycle")
+    report: bool = option(False, "write OUT/report/report.html at the end (needs matplotlib)")
+    keep_cycles: int = option(0, "keep only the newest K cycle_NNN adapter folders (0 = all)", at_least=0)
+    progress: bool = option(True, "show a progress bar per cycle")
 
     def __post_init__(self):
-        for name in ("cycles", "agents", "eval_episodes", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.steps < 0 or self.keep_cycles < 0 or self.threads < 0 or self.memory < 0:
-            raise UserError("--steps, --keep-cycles, --threads and --memory must be >= 0")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise UserError("--lr and --temperature must be > 0")
+        check_options(self)
 
     @property
     def life_steps(self) -> int:
@@ -117,7 +110,7 @@ class Group:
     def share(self, n: int) -> tuple[int, int]:
         """This rank's agent slots [lo, hi): contiguous, sizes differing by at most one."""
         if n < self.size:
-            raise UserError(f"--agents {n} is fewer than the {self.size} processes; use at least one agent each")
+            raise H2QError(f"--agents {n} is fewer than the {self.size} processes; use at least one agent each")
         bounds = np.linspace(0, n, self.size + 1).round().astype(int)
         return int(bounds[self.rank]), int(bounds[self.rank + 1])
 
@@ -152,7 +145,7 @@ def load_base(cfg: EvolveConfig, device: torch.device) -> Transformer:
     else:
         path = checkpoint.resolve_model_file(cfg.base)
         if not path.exists():
-            raise UserError(f"no base model at {path}: run `python train.py` first (or try --base random "
+            raise H2QError(f"no base model at {path}: run `python train.py` first (or try --base random "
                             f"--preset tiny|mini|small for a quick untrained run)")
         model, _ = checkpoint.load_model(cfg.base, device)
     model.fingerprint = checkpoint.fingerprint(model)
@@ -163,10 +156,10 @@ def load_base(cfg: EvolveConfig, device: torch.device) -> Transformer:
             sizes = (model.config.d_model, model.config.mlp_hidden)
             group = next((g for g in (64, 32) if all(s % g == 0 for s in sizes)), None)
             if cfg.quant == "int4" and group is None:
-                raise UserError(f"--quant int4 needs widths divisible by 32, this base has {sizes}; use --quant int8")
+                raise H2QError(f"--quant int4 needs widths divisible by 32, this base has {sizes}; use --quant int8")
             quantize(model, cfg.quant, group_size=group or 64)
         elif scheme.mode != cfg.quant:
-            raise UserError(f"{cfg.base} is already quantized as {scheme.mode}; pass --quant {scheme.mode} or none")
+            raise H2QError(f"{cfg.base} is already quantized as {scheme.mode}; pass --quant {scheme.mode} or none")
     return freeze_base(model).eval()
 
 
@@ -362,12 +355,12 @@ def write_report(out: Path) -> None:
         return
     try:
         print(f"report: {report(out)}")
-    except UserError as e:
+    except H2QError as e:
         print(f"report: {e}")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="evolve.py", description="Self-evolution of the agents' LoRA adapters: "
+    parser = Parser(prog="evolve.py", description="Self-evolution of the agents' LoRA adapters: "
                                      "live (online learning), evaluate, select and breed, once per cycle.")
     add_dataclass_flags(parser, EvolveConfig)
     add_dataclass_flags(parser, BreedConfig, "evolution")

@@ -16,32 +16,32 @@ the reference `base_bpb`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from h2q import data
-from h2q.cli import UserError
+from h2q.config import check_options, option
+from h2q.errors import H2QError
 from h2q.evolve.evolution import Agent, Evaluation
 from h2q.lora import AdapterBank
 
 EVAL_CHUNK = 4  # held-out windows per forward (times the number of agents in rows)
 
 
-def _flag(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class TextConfig:
-    data_dir: str | None = _flag(None, "text env: folder of text (none = the default corpus of this Python installation)")
-    data_root: str = _flag("data", "text env: where prepared corpora are cached")
-    text_batch: int = _flag(2, "text env: passages per agent per step")
-    text_block: int = _flag(128, "text env: passage length in bytes")
-    eval_windows: int = _flag(16, "text env: held-out passages every agent is scored on")
-    weight_decay: float = _flag(0.0, "text env: AdamW decoupled weight decay of the adapters")
+    data_dir: str | None = option(None, "text env: folder of text (none = the default corpus of this Python installation)")
+    data_root: str = option("data", "text env: where prepared corpora are cached")
+    text_batch: int = option(2, "text env: passages per agent per step", at_least=1)
+    text_block: int = option(128, "text env: passage length in bytes", at_least=1)
+    eval_windows: int = option(16, "text env: held-out passages every agent is scored on", at_least=1)
+    weight_decay: float = option(0.0, "text env: AdamW decoupled weight decay of the adapters", at_least=0)
+
+    def __post_init__(self):
+        check_options(self)
 
 
 class BankAdamW:
@@ -97,7 +97,7 @@ class TextEnv:
 
     def __init__(self, model, bank: AdapterBank, cfg: TextConfig, device, log=print):
         if cfg.text_batch < 1 or cfg.eval_windows < 1:
-            raise UserError("--text-batch and --eval-windows must be >= 1")
+            raise H2QError("--text-batch and --eval-windows must be >= 1")
         self.model, self.bank, self.cfg, self.device = model, bank, cfg, device
         self.block = min(cfg.text_block, model.config.context_len)
         self.corpus = data.load_corpus(cfg.data_dir, self.block, root=cfg.data_root, log=log)

@@ -50,9 +50,11 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from h2q.config import check_options, option
 
 ACTIONS = b"NSEWPDFZ"
 N_ACTIONS = len(ACTIONS)
@@ -64,36 +66,29 @@ UNREACHED = 1 << 30  # walking distance of a cell no source reaches
 COL_ENERGY, COL_CARRY, COL_WALLS, COL_HOME, COL_FOOD, COL_TARGET = 1, 3, 4, 9, 12, 15
 
 
-def _flag(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class WorldConfig:
-    size: int = _flag(16, "grid side, border walls included")
-    wall_density: float = _flag(0.08, "fraction of interior cells that are walls")
-    n_food: int = _flag(32, "food items on the map at start (and at most)")
-    food_regrow: float = _flag(0.1, "per tick, chance that each missing food item regrows")
-    start_energy: float = _flag(100.0, "energy at the start of an episode")
-    max_energy: float = _flag(100.0, "eating never raises energy above this")
-    move_cost: float = _flag(0.5, "energy per move")
-    wait_cost: float = _flag(0.3, "energy per non-move tick")
-    food_energy: float = _flag(30.0, "energy from eating one food")
-    view: int = _flag(8, "food is in view within this many steps of walking")
-    steps: int = _flag(200, "ticks per episode")
-    seed: int = _flag(0, "world seed (map, spawns, regrowth)")
-    deliver_reward: float = _flag(1.0, "reward per food delivered home")
-    pick_reward: float = _flag(0.3, "shaping reward per food picked up")
-    shaping: float = _flag(0.1, "shaping reward per cell moved closer to the target")
-    explore_reward: float = _flag(0.1, "shaping reward per move made while no target is in view")
-    death_penalty: float = _flag(1.0, "reward lost on dying")
-    survival_weight: float = _flag(0.01, "fitness term per fraction of the episode survived")
+    size: int = option(16, "grid side, border walls included", at_least=5, at_most=256)
+    wall_density: float = option(0.08, "fraction of interior cells that are walls", at_least=0, below=0.5)
+    n_food: int = option(32, "food items on the map at start (and at most)", at_least=0)
+    food_regrow: float = option(0.1, "per tick, chance that each missing food item regrows", at_least=0, at_most=1)
+    start_energy: float = option(100.0, "energy at the start of an episode", above=0)
+    max_energy: float = option(100.0, "eating never raises energy above this", above=0)
+    move_cost: float = option(0.5, "energy per move", at_least=0)
+    wait_cost: float = option(0.3, "energy per non-move tick", at_least=0)
+    food_energy: float = option(30.0, "energy from eating one food", at_least=0)
+    view: int = option(8, "food is in view within this many steps of walking", at_least=0)
+    steps: int = option(200, "ticks per episode", at_least=1)
+    seed: int = option(0, "world seed (map, spawns, regrowth)", at_least=0, below=2**63)
+    deliver_reward: float = option(1.0, "reward per food delivered home")
+    pick_reward: float = option(0.3, "shaping reward per food picked up")
+    shaping: float = option(0.1, "shaping reward per cell moved closer to the target")
+    explore_reward: float = option(0.1, "shaping reward per move made while no target is in view")
+    death_penalty: float = option(1.0, "reward lost on dying")
+    survival_weight: float = option(0.01, "fitness term per fraction of the episode survived")
 
     def __post_init__(self):
-        if self.size < 5:
-            raise ValueError(f"world size {self.size} < 5")
-        if not 0 <= self.wall_density < 0.5:
-            raise ValueError(f"wall_density {self.wall_density} not in [0, 0.5)")
+        check_options(self)
 
 
 def _compass(dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
