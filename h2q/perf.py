@@ -7,9 +7,18 @@ The same peak bounds what batching can win: a forward of F FLOPs takes at least 
 no batched forward beats that however its calls are arranged. At small row counts the real matmul
 kernels fall well short of that peak; `weight_matmul_seconds` times them at the shapes a forward
 really runs, a tighter floor for the same argument.
+
+`ThreadPolicy` picks torch's CPU thread count by measurement. torch's OpenMP threads spin while they
+wait for each other, so when another busy process holds one of the cores, every parallel region waits
+for the thread that lost its core and a 2-thread run can fall far below a 1-thread one (see the README's
+busy-machine table). Waiting passively instead (OMP_WAIT_POLICY) avoids the collapse but slows the idle
+case, so neither fixed setting is right on a shared machine: the policy times a small matmul at the
+full thread count and at one thread, interleaved, keeps the faster, and measures again every `every_s`
+seconds of the caller's loop, so a job that starts or ends beside it is noticed.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -48,3 +57,58 @@ def weight_matmul_seconds(model, rows: int, repeats: int = 10, warmup_s: float =
     device = weights[0].device
     inputs = {k: torch.randn(rows, k, device=device, dtype=w.dtype) for w in weights for k in [w.shape[1]]}
     return median_seconds(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], device, repeats, warmup_s)
+
+
+def probe_seconds(threads: int, repeats: int = 3) -> float:
+    """Seconds of a fixed decode-sized matmul workload at `threads` torch threads (the best of
+    `repeats`): small enough to run often (a few tens of milliseconds), big enough to use two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    x, w = torch.randn(64, 256), torch.randn(768, 256)
+    best = float("inf")
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(40):
+                F.linear(x, w)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    return best
+
+
+class ThreadPolicy:
+    """torch's CPU thread count: `requested` > 0 fixes it; 0 chooses by measurement (see the module
+    docstring) between all cores and one, again whenever `check()` finds `every_s` seconds passed. An
+    OMP_NUM_THREADS set in `env` counts as requested. `probe(threads) -> seconds` and `clock` are
+    injectable for tests."""
+
+    MARGIN = 0.9  # one thread must be this much faster to be chosen: idle machines keep all cores
+
+    def __init__(self, requested: int = 0, every_s: float = 30.0, probe=probe_seconds, clock=time.monotonic,
+                 env=os.environ):
+        if requested == 0 and env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+            requested = int(env["OMP_NUM_THREADS"])
+        self.requested, self.every_s, self.probe, self.clock = requested, every_s, probe, clock
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.most = max(cores, torch.get_num_threads()) if requested == 0 else requested
+        self.threads, self.last_probe, self.probes = self.most, None, 0
+        torch.set_num_threads(self.threads)
+        self.check()
+
+    def check(self) -> int:
+        """Re-measure when due (auto mode only); returns the thread count now in use."""
+        if self.requested or self.most == 1:
+            return self.threads
+        now = self.clock()
+        if self.last_probe is not None and now - self.last_probe < self.every_s:
+            return self.threads
+        many, one = self.probe(self.most), self.probe(1)
+        many, one = min(many, self.probe(self.most)), min(one, self.probe(1))  # interleaved: drift hits both
+        self.threads = 1 if one < self.MARGIN * many else self.most
+        torch.set_num_threads(self.threads)
+        self.last_probe, self.probes = self.clock(), self.probes + 1
+        return self.threads
+
+    def describe(self) -> str:
+        return f"{self.threads} (fixed)" if self.requested else f"{self.threads} of {self.most} (measured)"
