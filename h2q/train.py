@@ -33,6 +33,7 @@ from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, resolve_de
 from h2q.config import PRESETS, check_options, option
 from h2q.errors import H2QError
 from h2q.model import Transformer
+from h2q.optim import torch_state_from_tensors, torch_state_to_tensors
 
 
 @dataclass
@@ -168,16 +169,15 @@ class Run:
         return model
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def state_tensors(self, sampler_states: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def state_tensors(self, sampler_states: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+        """The run's tensors for the training state file, and the optimizer's param groups as JSON."""
         tensors = {f"model.{k}": v for k, v in self.trainable.state_dict().items()}
-        opt = self.optimizer.state_dict()
-        for idx, st in opt["state"].items():
-            for name, value in st.items():
-                tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value)
+        optim, param_groups = torch_state_to_tensors(self.optimizer.state_dict())
+        tensors.update({f"optim.{k}": v for k, v in optim.items()})
         tensors["rng.torch"] = torch.get_rng_state()
         for r, s in enumerate(sampler_states):
             tensors[f"rng.sampler.{r}"] = s
-        return tensors
+        return tensors, param_groups
 
     def save(self):
         states = [self.sampler.get_state()]
@@ -186,12 +186,12 @@ class Run:
             dist.all_gather_object(states, self.sampler.get_state())
         if self.rank != 0:
             return
-        opt = self.optimizer.state_dict()
+        tensors, param_groups = self.state_tensors(states)
         meta = {"step": str(self.step), "max_steps": str(self.max_steps), "tokens_seen": str(self.tokens_seen),
                 "elapsed": repr(self.elapsed), "world_size": str(self.world_size),
-                "param_groups": json.dumps(opt["param_groups"]), "train_config": json.dumps(asdict(self.cfg)),
+                "param_groups": param_groups, "train_config": json.dumps(asdict(self.cfg)),
                 "model_config": json.dumps(self.model.config.to_dict())}
-        checkpoint.save_tensors(self.out / checkpoint.STATE_FILE, self.state_tensors(states), meta)
+        checkpoint.save_tensors(self.out / checkpoint.STATE_FILE, tensors, meta)
         if self.adapter is not None:
             self.adapter.save(self.out, self.model)
         else:
@@ -208,12 +208,8 @@ class Run:
             raise H2QError(f"--resume: the run used {meta['world_size']} processes; resume with as many")
         own = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         self.trainable.load_state_dict(own)
-        opt_state: dict = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, idx, name = k.split(".", 2)
-                opt_state.setdefault(int(idx), {})[name] = v  # load_state_dict places it
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+        optim = {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")}
+        self.optimizer.load_state_dict(torch_state_from_tensors(optim, meta["param_groups"]))
         torch.set_rng_state(tensors["rng.torch"])
         self.sampler.set_state(tensors[f"rng.sampler.{self.rank}"])
         self.step, self.max_steps = int(meta["step"]), int(meta["max_steps"])

@@ -38,6 +38,7 @@ from h2q.evolve import (  # noqa: E402
 )
 from h2q.evolve.agent import KV_POLICIES, AgentConfig, AgentPolicy, make_bank  # noqa: E402
 from h2q.evolve.learner import Learner, LearnerConfig  # noqa: E402
+from h2q.lora import freeze_base  # noqa: E402
 from h2q.model import Transformer  # noqa: E402
 from h2q.perf import matmul_peak_gflops, weight_matmul_seconds  # noqa: E402
 
@@ -75,9 +76,11 @@ def load_base(args, device) -> tuple[Transformer, str]:
     dtype = getattr(torch, args.dtype)
     if args.base == "random":
         torch.manual_seed(args.seed)
-        return Transformer(PRESETS[args.preset]).to(device, dtype), f"random-init {args.preset} ({args.dtype})"
-    model, _ = load_model(args.base, device)
-    return model.to(dtype=dtype), f"checkpoint {args.base} ({args.dtype})"
+        model, name = Transformer(PRESETS[args.preset]).to(device, dtype), f"random-init {args.preset} ({args.dtype})"
+    else:
+        model, _ = load_model(args.base, device)
+        model, name = model.to(dtype=dtype), f"checkpoint {args.base} ({args.dtype})"
+    return freeze_base(model).eval(), name
 
 
 def summary(result, oracle) -> dict:

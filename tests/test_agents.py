@@ -5,12 +5,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load, save
 
 from h2q.config import PRESETS
+from h2q.errors import H2QError
 from h2q.evolve import World, WorldConfig, run_episode
 from h2q.evolve.agent import AgentConfig, AgentPolicy, make_bank
-from h2q.evolve.learner import Batch, Learner, LearnerConfig
+from h2q.evolve.learner import BUFFERS, Batch, Learner, LearnerConfig
 from h2q.evolve.world import PICK
+from h2q.lora import freeze_base
 from h2q.model import Transformer
 from h2q.tokenizer import PAD
 
@@ -23,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_policy(n=4, seed=0, **agent_kw):
     torch.manual_seed(seed)
-    model = Transformer(TINY)
+    model = freeze_base(Transformer(TINY))
     cfg = AgentConfig(seed=seed, **agent_kw)
     bank = make_bank(model, n, cfg)
     with torch.no_grad():  # B = 0 would make every agent the base; give each its own update
@@ -85,7 +88,7 @@ def test_single_agent_learns_a_rewarded_action():
     """One agent, one fixed observation, reward 1 for P (pick up) only. A random-init tiny base's tied
     head caps logit gaps near 1, so the policy samples at temperature 0.1 to be able to commit."""
     torch.manual_seed(0)
-    model = Transformer(TINY)
+    model = freeze_base(Transformer(TINY))
     cfg = AgentConfig(temperature=0.1, seed=1)
     policy = AgentPolicy(model, make_bank(model, 1, cfg), cfg)
     learner = Learner(policy, LearnerConfig(lr=1e-2, warmup=1, update_every=4, lag=0, replay=4, buffer=32,
@@ -172,3 +175,43 @@ def test_episode_with_learning_runs(memory, kv):
     assert learner.updates >= 4 and learner.skipped == 0
     assert stats.fitness.shape == (4,) and np.isfinite(stats.fitness).all()
     assert all(torch.isfinite(p).all() for p in learner.params)
+
+
+def test_policy_leaves_the_model_as_given_and_learning_needs_a_frozen_base():
+    model = Transformer(TINY)
+    cfg = AgentConfig()
+    policy = AgentPolicy(model, make_bank(model, 2, cfg), cfg)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(H2QError, match="freeze_base"):
+        Learner(policy)
+
+
+def test_learner_state_dict_resumes_bit_for_bit():
+    """Learn, save the learner's state (through safetensors) and the adapters, load both into a fresh
+    policy and learner: the next episode of learning is the same bit for bit."""
+    cfg = LearnerConfig(update_every=4, lag=2, replay=4, buffer=16)
+    policy = make_policy(n=3)
+    learner = Learner(policy, cfg)
+    run_episode(World(WORLD, 3, seed=7), policy, steps=14, learner=learner)
+    assert learner.updates >= 2
+    state, adapters = load(save(learner.state_dict())), [p.detach().clone() for p in learner.params]
+    n_tensors = len(learner.params)
+    assert sorted(state) == sorted(["adam.steps", *[f"adam.{k}.{i}" for k in "mv" for i in range(n_tensors)],
+                                    *[f"good.{i}" for i in range(n_tensors)], "agent.lr_scale", "agent.kl", "counters",
+                                    *[f"buffer.{name}" for name in BUFFERS]])
+    other_policy = make_policy(n=3)
+    with torch.no_grad():
+        for p, saved in zip(other_policy.bank.parameters(), adapters):
+            p.copy_(saved)
+    other = Learner(other_policy, cfg)
+    other.load_state_dict(state)
+    for pol, lrn in ((policy, learner), (other_policy, other)):
+        pol.generator.manual_seed(11)
+        lrn.reseed(11)
+        lrn.set_lr([2e-3, 1e-3, 4e-3])
+        run_episode(World(WORLD, 3, seed=8), pol, steps=14, learner=lrn)
+    assert learner.updates == other.updates >= 5
+    assert all(torch.equal(a, b) for a, b in zip(learner.params, other.params))
+    mine, theirs = learner.state_dict(), other.state_dict()
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=0, equal_nan=True)

@@ -9,15 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file, save
 
 from h2q import lora
 from h2q.config import PRESETS
 from h2q.errors import H2QError
-from h2q.evolve.evolution import BreedConfig, Population, diversity, elite_count, merge_weight, next_generation, ranking
+from h2q.evolve.evolution import Agent, BreedConfig, Population, diversity, elite_count, merge_weight, next_generation, ranking
 from h2q.evolve.grid_env import GridEnv
 from h2q.evolve.run import EvolveConfig, evolve
-from h2q.evolve.text_env import TextConfig
+from h2q.evolve.text_env import TextConfig, TextEnv
+from h2q.model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = PRESETS["tiny"]
@@ -251,6 +252,32 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         name = Path("cycle_002") / f"agent_{slot:02d}" / lora.ADAPTER_FILE
         straight, resumed = load_file(str(tmp_path / "a" / name)), load_file(str(b / name))
         assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_text_env_state_resumes_bit_for_bit(text_dir, tmp_path):
+    """Text env: train, replace slot 1, save the optimizer state (through safetensors) and the adapters,
+    load both into a fresh env: the next life trains the same bit for bit."""
+    torch.manual_seed(0)
+    model = lora.freeze_base(Transformer(CFG))
+    cfg = TextConfig(data_dir=str(text_dir), data_root=str(tmp_path / "prep"), text_batch=1, text_block=32,
+                     eval_windows=4, weight_decay=0.1)
+    agents = [Agent(f"a{i}", i, [], 0, 2, lr, 1.0) for i, lr in enumerate([1e-2, 3e-3, 5e-3])]
+
+    def env():
+        bank = lora.AdapterBank(model, lora.LoraConfig(r=2), 3, generator=torch.Generator().manual_seed(1))
+        return TextEnv(model, bank, cfg, torch.device("cpu"), log=lambda *a, **k: None)
+
+    first, second = env(), env()
+    first.live(agents, 3, seed=1, tick=lambda: None)
+    first.reset_slots([1])
+    with torch.no_grad():
+        for p, q in zip(second.bank.parameters(), first.bank.parameters()):
+            p.copy_(q)
+    second.load_state_tensors(load(save(first.state_tensors())))
+    for e in (first, second):
+        e.live(agents, 3, seed=2, tick=lambda: None)
+    assert all(torch.equal(p, q) for p, q in zip(first.bank.parameters(), second.bank.parameters()))
+    assert first.state_tensors()["steps"].tolist() == [6, 3, 6]
 
 
 def test_torchrun_two_processes(tmp_path):

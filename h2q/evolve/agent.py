@@ -34,7 +34,7 @@ from h2q.errors import ConfigError
 from h2q.evolve.world import ACTIONS, OBS_LEN, WAIT
 from h2q.generate import sample_next
 from h2q.kvcache import make_cache
-from h2q.lora import AdapterBank, LoraConfig, freeze_base
+from h2q.lora import AdapterBank, LoraConfig
 from h2q.model import Transformer
 from h2q.tokenizer import PAD
 
@@ -68,11 +68,13 @@ def make_bank(model: Transformer, n_agents: int, cfg: AgentConfig) -> AdapterBan
 
 
 class AgentPolicy:
-    """n agents: agent i acts with adapter `slots[i]` of `bank` (identity by default) on `model`."""
+    """n agents: agent i acts with adapter `slots[i]` of `bank` (identity by default) on `model`. The
+    model is used as it is given; to learn (learner.py) its weights must be frozen first
+    (h2q.lora.freeze_base), as evolve's base is."""
 
     def __init__(self, model: Transformer, bank: AdapterBank, cfg: AgentConfig = AgentConfig(),
                  prefix: bytes = PREFIX):
-        self.model = freeze_base(model).eval()
+        self.model = model
         self.bank, self.cfg, self.n = bank, cfg, bank.n
         weight = model.embed.weight
         self.device, self.dtype = weight.device, weight.dtype

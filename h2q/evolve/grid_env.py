@@ -6,8 +6,8 @@ scale: food delivered per step plus a small survival term).
 The policy and the learner are h2q/evolve/agent.py's and learner.py's, built in `make_agents` and
 kept across cycles (Adam moments and experience carry over; a replaced agent's are reset). Per cycle
 the runner sets each agent's learning rate (PBT), reseeds the sampling and replay generators, and
-saves the learner's state for resume (`learner_state`). The policy has one temperature for all
-agents, so PBT here explores learning rates only.
+saves the learner's `state_dict()` for resume. The policy has one temperature for all agents, so PBT
+here explores learning rates only.
 """
 from __future__ import annotations
 
@@ -33,70 +33,12 @@ class AgentKnobs:
     kv: str
 
 
-BUFFERS = ("context", "action", "reward", "logprob", "valid", "done")  # the learner's experience arrays
-PER_AGENT = ("lr_scale", "kl")  # the learner's per-agent adaptive-step tensors, where it has them
-
-
-class PerAgentLr:
-    """The learner's BankAdam with agent i stepping at lr * scale[i]: Adam's step is linear in the
-    learning rate, so scaling each agent's change after a step at lr is exactly a step at lr * scale[i].
-    With every scale 1 the step is left untouched, bit for bit."""
-
-    def __init__(self, opt, n: int):
-        self.opt, self.scale = opt, torch.ones(n)
-
-    def step(self, active: torch.Tensor, lr: float) -> None:
-        if bool((self.scale == 1).all()):
-            return self.opt.step(active, lr)
-        before = [p.detach().clone() for p in self.opt.params]
-        self.opt.step(active, lr)
-        with torch.no_grad():
-            for p, old in zip(self.opt.params, before):
-                scale = self.scale.to(p.device, p.dtype).view((-1,) + (1,) * (p.dim() - 1))  # (n, 1, ...)
-                p.copy_(old + (p - old) * scale)
-
-    def __getattr__(self, name):
-        return getattr(self.opt, name)
-
-
 def make_agents(model, bank: AdapterBank, knobs: AgentKnobs) -> tuple[AgentPolicy, Learner]:
     """(policy, learner) for the agents of `bank` (slot i = agent i), learning at knobs.lr."""
     config = AgentConfig(rank=bank.config.r, alpha=bank.config.alpha, temperature=knobs.temperature,
                          memory=knobs.memory, kv=knobs.kv)
     policy = AgentPolicy(model, bank, config)
-    learner = Learner(policy, LearnerConfig(lr=knobs.lr))
-    learner.opt = PerAgentLr(learner.opt, bank.n)
-    return policy, learner
-
-
-def learner_state(learner: Learner) -> dict[str, torch.Tensor]:
-    """Everything a learner carries from one cycle to the next, as tensors: Adam moments and step
-    counts, the last good weights, the experience buffers, the per-agent step-size state and the
-    counters (its replay generator is reseeded every cycle, so it needs no saving)."""
-    opt = learner.opt.opt
-    out = {"adam.steps": opt.steps, "counters": torch.tensor([learner.t, learner.updates, learner.skipped,
-                                                              learner.restored])}
-    for i, (m, v, good) in enumerate(zip(opt.m, opt.v, learner.good)):
-        out.update({f"adam.m.{i}": m, f"adam.v.{i}": v, f"good.{i}": good})
-    out.update({f"buffer.{name}": torch.from_numpy(getattr(learner, name)) for name in BUFFERS})
-    out.update({f"agent.{name}": getattr(learner, name) for name in PER_AGENT if hasattr(learner, name)})
-    return out
-
-
-def load_learner_state(learner: Learner, tensors: dict[str, torch.Tensor]) -> None:
-    opt = learner.opt.opt
-    with torch.no_grad():
-        opt.steps.copy_(tensors["adam.steps"])
-        for i, (m, v, good) in enumerate(zip(opt.m, opt.v, learner.good)):
-            m.copy_(tensors[f"adam.m.{i}"])
-            v.copy_(tensors[f"adam.v.{i}"])
-            good.copy_(tensors[f"good.{i}"])
-    for name in BUFFERS:
-        getattr(learner, name)[...] = tensors[f"buffer.{name}"].numpy()
-    for name in PER_AGENT:
-        if hasattr(learner, name):
-            setattr(learner, name, tensors[f"agent.{name}"].to(getattr(learner, name).device).clone())
-    learner.t, learner.updates, learner.skipped, learner.restored = (int(x) for x in tensors["counters"])
+    return policy, Learner(policy, LearnerConfig(lr=knobs.lr))
 
 
 class GridEnv:
@@ -108,7 +50,7 @@ class GridEnv:
                  render=None):
         if eval_episodes < 1:
             raise ConfigError("eval_episodes", f"must be >= 1, got {eval_episodes}")
-        self.bank, self.world, self.eval_episodes, self.render, self.knobs = bank, world, eval_episodes, render, knobs
+        self.bank, self.world, self.eval_episodes, self.render = bank, world, eval_episodes, render
         self.policy, self.learner = make_agents(model, bank, knobs)
 
     def ticks(self, steps: int, learns: bool) -> int:
@@ -146,15 +88,15 @@ class GridEnv:
 
     def _reseed(self, agents: list[Agent], seed: int) -> None:
         self.policy.generator.manual_seed(seed)
-        self.learner.rng = np.random.default_rng(seed)
-        self.learner.opt.scale = torch.tensor([a.lr / self.knobs.lr for a in agents])
+        self.learner.reseed(seed)
+        self.learner.set_lr([a.lr for a in agents])
 
     def reset_slots(self, slots) -> None:
         for slot in slots:
             self.learner.reset_agent(slot)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return learner_state(self.learner)
+        return self.learner.state_dict()
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        load_learner_state(self.learner, tensors)
+        self.learner.load_state_dict(tensors)

@@ -13,15 +13,19 @@ The update is REINFORCE with a baseline (Williams 1992) in PPO's clipped form (S
   - entropy * H(pi), ratio = pi_now / pi_behaviour, so replayed samples that the adapter has moved
   away from stop pushing. Losses are summed over agents; since row b only reaches adapter index[b]
   and the base is frozen, each agent's gradient comes from its own experience alone.
-* `BankAdam` steps the stacked adapter tensors with per-agent step counts, a per-agent gradient-norm
-  clip and a per-agent mask, so nothing couples agents (a global clip would).
+* `BankAdamW` (h2q/optim.py) steps the stacked adapter tensors with per-agent step counts and
+  learning rates and a per-agent mask; the gradient-norm clip is per agent too, so nothing couples
+  agents (a global clip would).
 * Each agent's step size adapts to how far its policy moves (PPO's adaptive-KL rule, here on the
-  learning rate, per agent): KL(behaviour || now) on the fresh rows, `target_kl`, at most `lr`.
+  learning rate, per agent): KL(behaviour || now) on the fresh rows, `target_kl`, at most its `lr`.
 * Guard rails: a non-finite reward drops its transition; an agent whose loss or gradient is not
   finite skips that update (weights and Adam moments untouched); an agent whose weights come out
   non-finite is restored from its last good copy and its moments are reset; each is logged.
-* The learning rate warms up linearly over `warmup` updates and decays as 1/sqrt(updates) after
-  `decay` updates (times each agent's adaptive-KL scale).
+* Agent i's learning rate is its own peak rate `lr[i]` (the config's `lr` unless `set_lr` gives one
+  per agent, as PBT does), warmed up linearly over `warmup` updates and decayed as 1/sqrt(updates)
+  after `decay` updates, times its adaptive-KL scale.
+* `state_dict()` holds everything the learner carries from one episode to the next, as tensors;
+  the settings (config, per-agent `lr`) and the replay generator (`reseed`) are the caller's.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import torch
 from h2q.config import check_options, option
 from h2q.errors import ConfigError, H2QError
 from h2q.evolve.agent import AgentPolicy
+from h2q.optim import BankAdamW, check_state
 from h2q.tokenizer import PAD
 
 log = logging.getLogger("h2q.evolve")
@@ -41,7 +46,7 @@ log = logging.getLogger("h2q.evolve")
 
 @dataclass
 class LearnerConfig:
-    lr: float = option(2e-3, "Adam learning rate of the adapters", above=0, at_most=10)
+    lr: float = option(2e-3, "peak Adam learning rate of the adapters", above=0, at_most=10)
     warmup: int = option(10, "updates of linear learning-rate warmup", at_least=0)
     decay: int = option(50, "after this many updates the learning rate decays as 1/sqrt(updates) (0 = never)", at_least=0)
     update_every: int = option(8, "ticks between updates", at_least=1)
@@ -61,43 +66,6 @@ class LearnerConfig:
             raise ConfigError("buffer", f"must be >= update_every + lag ({self.update_every + self.lag}), got {self.buffer}")
 
 
-class BankAdam:
-    """Adam (Kingma & Ba 2015) over tensors whose leading dim is the agent, with per-agent step
-    counts: `step(active)` moves only active agents, the others' weights and moments stay bit-exact."""
-
-    def __init__(self, params: list[torch.Tensor], betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params, self.betas, self.eps = params, betas, eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.steps = torch.zeros(params[0].shape[0], device=params[0].device)
-
-    @torch.no_grad()
-    def step(self, active: torch.Tensor, lr) -> None:
-        """One step for the `active` agents at `lr`, a float or a per-agent (N,) tensor."""
-        b1, b2 = self.betas
-        self.steps += active.float()
-        t = self.steps.clamp(min=1)
-        for p, m, v in zip(self.params, self.m, self.v):
-            per_agent = (-1,) + (1,) * (p.dim() - 1)  # broadcast (N,) over (N, ...)
-            on = active.view(per_agent)
-            g = p.grad
-            m.copy_(torch.where(on, b1 * m + (1 - b1) * g, m))
-            v.copy_(torch.where(on, b2 * v + (1 - b2) * g * g, v))
-            bc1, bc2 = (1 - b1 ** t).view(per_agent), (1 - b2 ** t).view(per_agent)
-            rate = lr.view(per_agent) if torch.is_tensor(lr) else lr
-            update = rate * (m / bc1) / ((v / bc2).sqrt() + self.eps)
-            p.sub_(torch.where(on, update, torch.zeros_like(update)))
-
-    def reset(self, agent: int) -> None:
-        for m, v in zip(self.m, self.v):
-            m[agent] = 0
-            v[agent] = 0
-        self.steps[agent] = 0
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.m, *self.v, self.steps])
-
-
 @dataclass
 class Batch:
     """Rows of one update: buffer slot and agent of each row, its return, normalised advantage, and
@@ -109,12 +77,18 @@ class Batch:
     fresh: np.ndarray
 
 
+BUFFERS = ("context", "action", "reward", "logprob", "valid", "done")  # the experience arrays, (buffer, n, ...)
+
+
 class Learner:
     """Feeds on `run_episode`'s transitions and updates `policy.bank` in place."""
 
     def __init__(self, policy: AgentPolicy, cfg: LearnerConfig = LearnerConfig()):
         if policy.cfg.temperature <= 0:
             raise H2QError("learning needs a sampling policy: temperature > 0")
+        if any(p.requires_grad for p in policy.model.parameters()):
+            raise H2QError("the base model has trainable weights; freeze it first (h2q.lora.freeze_base(model)), "
+                           "so updates reach the adapters only")
         self.policy, self.cfg, self.n = policy, cfg, policy.n
         cap, n = cfg.buffer, self.n
         self.context = np.full((cap, n, policy.context_width), PAD, dtype=np.int16)
@@ -125,13 +99,24 @@ class Learner:
         self.done = np.zeros((cap, n), dtype=bool)
         self.t = 0  # transitions recorded
         self.params = list(policy.bank.parameters())
-        self.opt = BankAdam(self.params)
+        self.opt = BankAdamW(self.params)
         self.good = [p.detach().clone() for p in self.params]
         self.rng = np.random.default_rng(cfg.seed)
         self.updates = self.skipped = self.restored = 0
         self.last: dict = {}
-        self.lr_scale = torch.ones(self.n, device=self.params[0].device)  # per agent, adapted to target_kl
-        self.kl = torch.full((self.n,), float("nan"), device=self.params[0].device)
+        device = self.params[0].device
+        self.lr = torch.full((self.n,), cfg.lr, device=device)  # per agent peak rate, `set_lr`
+        self.lr_scale = torch.ones(self.n, device=device)  # per agent, adapted to target_kl
+        self.kl = torch.full((self.n,), float("nan"), device=device)
+
+    # ---- settings --------------------------------------------------------------------------------
+    def set_lr(self, lrs) -> None:
+        """Agent i's peak learning rate becomes lrs[i] (a float sets all)."""
+        self.lr = torch.as_tensor(lrs, dtype=torch.float32, device=self.lr.device).expand(self.n).clone()
+
+    def reseed(self, seed: int) -> None:
+        """Restart the generator of replay sampling from `seed`."""
+        self.rng = np.random.default_rng(seed)
 
     # ---- experience ------------------------------------------------------------------------------
     def record(self, obs, actions, rewards, alive, done) -> None:
@@ -153,7 +138,7 @@ class Learner:
         """Agent `agent` got a new adapter (e.g. from evolution): forget its experience and moments,
         and take its current weights as its good copy."""
         self.valid[:, agent] = False
-        self.opt.reset(agent)
+        self.opt.reset([agent])
         self.lr_scale[agent], self.kl[agent] = 1.0, float("nan")
         with torch.no_grad():
             for p, good in zip(self.params, self.good):
@@ -234,8 +219,7 @@ class Learner:
         cfg = self.cfg
         dev = losses.device
         finite_loss = torch.isfinite(losses)
-        for p in self.params:
-            p.grad = None
+        self.opt.zero_grad()
         torch.where(finite_loss, losses, torch.zeros_like(losses)).sum().backward()
         sq = torch.zeros(self.n, device=dev)
         for p in self.params:
@@ -254,20 +238,24 @@ class Learner:
         with torch.no_grad():
             for p in self.params:
                 p.grad = torch.nan_to_num(p.grad) * scale.view((-1,) + (1,) * (p.dim() - 1))
-        lr = self.scheduled_lr()
         self._adapt_lr()
-        self.opt.step(active, lr * self.lr_scale)
+        lr = self.scheduled_lr()
+        self.opt.step(lr, active)
         self._restore_non_finite(active)
         self.updates += 1
-        self.last.update(loss=float(torch.where(finite_loss, losses, 0).detach().sum()), lr=lr, active=int(active.sum()),
+        self.last.update(loss=float(torch.where(finite_loss, losses, 0).detach().sum()), lr=float(lr.mean()),
+                         active=int(active.sum()),
                          grad_norm=float(norm[active].mean()) if bool(active.any()) else float("nan"))
 
-    def scheduled_lr(self) -> float:
-        """Linear warmup over `warmup` updates, then 1/sqrt decay after `decay` updates: early updates
-        learn fast, later ones settle instead of random-walking at full size."""
+    def scheduled_lr(self) -> torch.Tensor:
+        """Per agent (n,): its peak `lr` with linear warmup over `warmup` updates, then 1/sqrt decay after
+        `decay` updates (early updates learn fast, later ones settle instead of random-walking at full
+        size), times its adaptive-KL scale."""
         cfg, u = self.cfg, self.updates + 1
-        lr = cfg.lr * min(1.0, u / max(cfg.warmup, 1))
-        return lr * min(1.0, (cfg.decay / u) ** 0.5) if cfg.decay > 0 else lr
+        schedule = min(1.0, u / max(cfg.warmup, 1))
+        if cfg.decay > 0:
+            schedule *= min(1.0, (cfg.decay / u) ** 0.5)
+        return self.lr * schedule * self.lr_scale
 
     def _adapt_lr(self) -> None:
         """Adaptive-KL rule of PPO (Schulman et al. 2017), per agent: an agent whose policy moved more
@@ -290,14 +278,40 @@ class Learner:
         for agent in (~ok).nonzero().flatten().tolist():
             for p, good in zip(self.params, self.good):
                 p[agent] = good[agent]
-            self.opt.reset(agent)
+            self.opt.reset([agent])
             self.restored += 1
             log.warning("update %d: adapter %d had non-finite weights; restored its last good copy", self.updates, agent)
         keep = (ok & active).view(-1)
         for p, good in zip(self.params, self.good):
             good[keep] = p[keep]
-        for p in self.params:
-            p.grad = None
+        self.opt.zero_grad()
+
+    # ---- state -----------------------------------------------------------------------------------
+    def _own_state(self) -> dict[str, torch.Tensor]:
+        """The learner's state besides the optimizer's, as live tensors (the buffers are views of its
+        numpy arrays, so copying into them loads them)."""
+        out = {f"good.{i}": good for i, good in enumerate(self.good)}
+        out.update({f"buffer.{name}": torch.from_numpy(getattr(self, name)) for name in BUFFERS})
+        out.update({"agent.lr_scale": self.lr_scale, "agent.kl": self.kl,
+                    "counters": torch.tensor([self.t, self.updates, self.skipped, self.restored])})
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of the learner's state: the optimizer's ("adam.*"), the last good weights, the
+        experience buffers, the per-agent adaptive-step state and the counters."""
+        own = {k: t.detach().clone() for k, t in self._own_state().items()}
+        return {**{f"adam.{k}": t for k, t in self.opt.state_dict().items()}, **own}
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load a `state_dict()` (all checked before anything is changed)."""
+        own = self._own_state()
+        check_state({k: t for k, t in tensors.items() if not k.startswith("adam.")}, own, "learner")
+        self.opt.load_state_dict({k[len("adam."):]: t for k, t in tensors.items() if k.startswith("adam.")})
+        for k, t in own.items():
+            if k != "counters":
+                t.copy_(tensors[k])
+        self.t, self.updates, self.skipped, self.restored = (int(x) for x in tensors["counters"])
 
     def nbytes(self) -> dict[str, int]:
         """Bytes of the optimizer state (moments, good copies) and the experience buffers."""

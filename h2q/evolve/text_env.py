@@ -5,9 +5,8 @@ fitness is minus its bits per byte on held-out text.
 All agents train in one batched forward/backward: a batch holds `batch` windows per agent, row b bound
 to bank slot b // batch (AdapterBank.bind, BGMV-style), and the loss is the sum over agents of each
 agent's mean cross-entropy, so a slot's gradient is exactly that of its own loss. The optimizer is
-AdamW over the bank (`BankAdamW`) with a learning rate per agent: AdamW's update is linear in the
-learning rate (decoupled decay included), so one step at lr 1 followed by scaling each slot's change
-by its own lr is exactly a per-slot AdamW step; PBT changes those rates between cycles.
+h2q/optim.py's `BankAdamW` over the bank: every slot steps at its agent's own learning rate, which PBT
+changes between cycles, and a replaced agent's moments and step count start over.
 
 Evaluation uses fixed held-out windows (evenly spaced over the validation split, the same every cycle),
 each replicated once per agent, so agents compare on identical text; the base alone (slot -1) gives
@@ -27,6 +26,7 @@ from h2q.config import check_options, option
 from h2q.errors import H2QError
 from h2q.evolve.evolution import Agent, Evaluation
 from h2q.lora import AdapterBank
+from h2q.optim import BankAdamW
 
 EVAL_CHUNK = 4  # held-out windows per forward (times the number of agents in rows)
 
@@ -44,51 +44,6 @@ class TextConfig:
         check_options(self)
 
 
-class BankAdamW:
-    """AdamW over an AdapterBank with one learning rate per slot and per-slot state reset."""
-
-    def __init__(self, bank: AdapterBank, weight_decay: float = 0.0, betas=(0.9, 0.99)):
-        self.bank = bank
-        self.params = list(bank.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=1.0, betas=betas, weight_decay=weight_decay, foreach=True)
-
-    def step(self, lrs: torch.Tensor) -> None:
-        """One AdamW step with slot i at learning rate lrs[i] (gradients already in .grad)."""
-        before = [p.detach().clone() for p in self.params]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for p, old in zip(self.params, before):
-                scale = lrs.to(p.device, p.dtype).view(-1, *[1] * (p.dim() - 1))  # (n, 1, 1)
-                p.copy_(old + (p - old) * scale)
-
-    def reset_slots(self, slots) -> None:
-        """Forget the moments of `slots` (their adapters were replaced)."""
-        slots = list(slots)
-        if not slots:
-            return
-        for p in self.params:
-            state = self.optimizer.state.get(p)
-            for key in ("exp_avg", "exp_avg_sq"):
-                if state and key in state:
-                    state[key][slots] = 0
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for i, p in enumerate(self.params):
-            for key, value in self.optimizer.state.get(p, {}).items():
-                out[f"{i}.{key}"] = torch.as_tensor(value)
-        return out
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        state: dict[int, dict] = {}
-        for k, v in tensors.items():
-            i, key = k.split(".", 1)
-            state.setdefault(int(i), {})[key] = v
-        groups = self.optimizer.state_dict()["param_groups"]
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
 class TextEnv:
     """The text environment of one process over its bank of agents: corpus, optimizer, fixed
     held-out windows and the base's own score."""
@@ -101,7 +56,7 @@ class TextEnv:
         self.model, self.bank, self.cfg, self.device = model, bank, cfg, device
         self.block = min(cfg.text_block, model.config.context_len)
         self.corpus = data.load_corpus(cfg.data_dir, self.block, root=cfg.data_root, log=log)
-        self.optimizer = BankAdamW(bank, cfg.weight_decay)
+        self.optimizer = BankAdamW(bank.parameters(), betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         self.eval_count = min(EVAL_CHUNK * math.ceil(cfg.eval_windows / EVAL_CHUNK), len(self.corpus.val) - self.block)
         self.base_bpb = float(self._bpb(None, 1)[0])
 
@@ -126,6 +81,7 @@ class TextEnv:
             per_agent = per_row.view(n, b * self.block).mean(1)  # (n,)
             per_agent.sum().backward()
             self.optimizer.step(lrs)
+            self.optimizer.zero_grad()
             total += per_agent.detach().double().cpu()
             tick()
         bank.eval()
@@ -156,10 +112,10 @@ class TextEnv:
         return (nats / count / math.log(2)).numpy()
 
     def reset_slots(self, slots) -> None:
-        self.optimizer.reset_slots(slots)
+        self.optimizer.reset(slots)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return self.optimizer.state_tensors()
+        return self.optimizer.state_dict()
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.optimizer.load_state_tensors(tensors)
+        self.optimizer.load_state_dict(tensors)
