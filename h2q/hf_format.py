@@ -19,8 +19,8 @@ h2q's Transformer (h2q/model.py) is LLaMA's architecture, so the weights move ov
   lora_alpha / sqrt(r) with use_rslora: h2q's A, B and scaling exactly. Keys are
   `base_model.model.` + the HF module path + `.lora_A.weight`, as PEFT's save_pretrained writes them.
 
-Identity: config.json and adapter_config.json hold only their schemas' fields (PEFT before 0.14 refuses
-an adapter_config.json with a key it does not know), so h2q's own identity rides in the safetensors
+Identity: config.json and adapter_config.json hold only their schemas' fields (older PEFT versions refuse
+an adapter_config.json with a key they do not know), so h2q's own identity rides in the safetensors
 metadata, which both loaders ignore: `h2q_fingerprint` and `h2q_config` on exported weights,
 `h2q_base_fingerprint` and `h2q_base_config` on an exported adapter. An adapter imported back is
 checked against the base it is put on, as h2q checks its own adapters.
@@ -54,7 +54,8 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps LlamaForCausalLM as base_model.model
 HF_FILES = (HF_WEIGHTS, HF_CONFIG, GENERATION_CONFIG, README)
 PEFT_FILES = (PEFT_WEIGHTS, PEFT_CONFIG)
-BLOCK_PARTS = {"attn": "self_attn", "attn_norm": "input_layernorm", "mlp": "mlp", "mlp_norm": "post_attention_layernorm"}
+BLOCK_PARTS = {"attn": "self_attn", "attn_norm": "input_layernorm", "mlp": "mlp",
+               "mlp_norm": "post_attention_layernorm"}
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -165,10 +166,13 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
     try:
         d_model, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         need(hf.get("model_type") == "llama", f"model_type is {hf.get('model_type')!r}, not 'llama'")
-        need(int(hf["vocab_size"]) == tokenizer.VOCAB_SIZE, f"vocab_size is {hf['vocab_size']}, not {tokenizer.VOCAB_SIZE} (bytes, EOT, PAD)")
+        need(int(hf["vocab_size"]) == tokenizer.VOCAB_SIZE,
+             f"vocab_size is {hf['vocab_size']}, not {tokenizer.VOCAB_SIZE} (bytes, EOT, PAD)")
         need(hf.get("hidden_act", "silu") == "silu", f"hidden_act is {hf.get('hidden_act')!r}, not 'silu'")
-        need(int(hf.get("num_key_value_heads") or n_head) == n_head, "grouped key/value heads (num_key_value_heads < num_attention_heads)")
-        need(int(hf.get("head_dim") or d_model // n_head) * n_head == d_model, "head_dim * num_attention_heads != hidden_size")
+        need(int(hf.get("num_key_value_heads") or n_head) == n_head,
+             "grouped key/value heads (num_key_value_heads < num_attention_heads)")
+        need(int(hf.get("head_dim") or d_model // n_head) * n_head == d_model,
+             "head_dim * num_attention_heads != hidden_size")
         need(not hf.get("attention_bias") and not hf.get("mlp_bias"), "the linears have biases")
         rope = hf.get("rope_parameters") or {}
         need(hf.get("rope_scaling") is None and rope.get("rope_type", "default") == "default", "rotary scaling is set")
@@ -210,7 +214,8 @@ def import_hf(folder: str | Path) -> tuple[Transformer, str | None]:
     state = {}
     for name, (key, shape) in expected.items():
         if tensors[name].shape != shape:
-            raise FileFormatError(f"{folder}: {name} has shape {tuple(tensors[name].shape)}, config.json needs {tuple(shape)}")
+            raise FileFormatError(f"{folder}: {name} has shape {tuple(tensors[name].shape)}, "
+                                  f"config.json needs {tuple(shape)}")
         state[key] = tensors[name].to(torch.float32)
     model.load_state_dict(state)
     return model.eval(), exported_fingerprint(folder)
@@ -278,8 +283,9 @@ def _lora_config_from_peft(peft: dict, path) -> LoraConfig:
     if not isinstance(targets, list) or not set(targets) <= set(LINEARS):
         raise FileFormatError(f"{path}: target_modules {targets!r} must be a list of {', '.join(LINEARS)}")
     try:
-        return LoraConfig(r=int(peft["r"]), alpha=float(peft["lora_alpha"]), dropout=float(peft.get("lora_dropout", 0.0)),
-                          targets=",".join(targets), rslora=bool(peft.get("use_rslora", False)))
+        return LoraConfig(r=int(peft["r"]), alpha=float(peft["lora_alpha"]),
+                          dropout=float(peft.get("lora_dropout", 0.0)), targets=",".join(targets),
+                          rslora=bool(peft.get("use_rslora", False)))
     except (KeyError, TypeError, ValueError, H2QError) as e:
         raise FileFormatError(f"{path} is not a LoRA config h2q can read ({type(e).__name__}: {e})") from None
 

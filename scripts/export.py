@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from h2q import hf_format  # noqa: E402
-from h2q.checkpoint import fingerprint, load_model  # noqa: E402
-from h2q.cli import Parser, run_main  # noqa: E402
-from h2q.errors import H2QError  # noqa: E402
-from h2q.lora import load_adapter  # noqa: E402
+from h2q import hf_format
+from h2q.checkpoint import fingerprint, load_model
+from h2q.cli import Parser, run_main
+from h2q.errors import H2QError
+from h2q.lora import load_adapter
 
 
 def export_hf(args) -> None:
@@ -45,7 +45,8 @@ def export_peft(args) -> None:
     if args.base_model and Path(args.base_model).is_dir():
         exported = hf_format.exported_fingerprint(args.base_model)
         if exported != fingerprint(base):
-            raise H2QError(f"--base-model {args.base_model} holds {'base ' + exported if exported else 'no h2q export'}, "
+            held = f"base {exported}" if exported else "no h2q export"
+            raise H2QError(f"--base-model {args.base_model} holds {held}, "
                            f"not this adapter's base {fingerprint(base)}; export the base with --format hf first")
     out = hf_format.check_output(args.out, [args.adapter, args.ckpt], hf_format.PEFT_FILES, args.overwrite)
     hf_format.export_peft(adapter, base, out, args.base_model)
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
                              "(default: checkpoints/base)")
     parser.add_argument("--adapter", default=None, help="h2q adapter folder to export (peft)")
     parser.add_argument("--base-model", default=None,
-                        help="base_model_name_or_path for the PEFT config: the --format hf export folder or a name (peft)")
+                        help="base_model_name_or_path for the PEFT config: the base's --format hf export folder "
+                             "or a name (peft)")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace files already in --out (never an input)")
     args = parser.parse_args(argv)

@@ -1,7 +1,8 @@
 """Import a Hugging Face LLaMA folder as an h2q checkpoint, or a PEFT LoRA folder as an h2q adapter.
 
     python scripts/import.py --format hf --src export/base-hf --out checkpoints/base-imported
-    python scripts/import.py --format peft --src export/lora-peft --ckpt checkpoints/base --out checkpoints/adapters/lora-imported
+    python scripts/import.py --format peft --src export/lora-peft --ckpt checkpoints/base \\
+        --out checkpoints/adapters/lora-imported
 
 --format hf reads config.json and model.safetensors (or its shards) of a byte-level LLaMA: an h2q export,
 or one transformers saved after training it further. The checkpoint written gives the same logits;
@@ -18,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from h2q import hf_format  # noqa: E402
-from h2q.checkpoint import MODEL_FILE, fingerprint, load_model, save_model  # noqa: E402
-from h2q.cli import Parser, run_main  # noqa: E402
+from h2q import hf_format
+from h2q.checkpoint import MODEL_FILE, fingerprint, load_model, save_model
+from h2q.cli import Parser, run_main
 
 
 def import_hf(args) -> None:
