@@ -98,26 +98,36 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     }
 
 
-def generation_config(cfg: ModelConfig) -> dict:
-    """generation_config.json: the special ids, PAD never generated (h2q's samplers mask it too)."""
+def generation_config() -> dict:
+    """generation_config.json: the special ids, PAD never generated (h2q's samplers mask it too). No
+    max_length: transformers warns when a call's max_new_tokens meets one."""
     return {"bos_token_id": tokenizer.EOT, "eos_token_id": tokenizer.EOT, "pad_token_id": tokenizer.PAD,
-            "suppress_tokens": [tokenizer.PAD], "max_length": cfg.context_len}
+            "suppress_tokens": [tokenizer.PAD]}
 
 
 def tokenizer_readme(cfg: ModelConfig, base_fingerprint: str) -> str:
     """README.md of an exported folder: there is no tokenizer file to load, only this rule."""
+    eot, pad = tokenizer.EOT, tokenizer.PAD
     return (
         "# h2q byte-level model in the LLaMA layout\n\n"
         f"Exported by h2q (`scripts/export.py`) from the model with fingerprint `{base_fingerprint}`: "
-        f"{cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.d_model}, context {cfg.context_len}.\n"
-        "Load it with `transformers.LlamaForCausalLM.from_pretrained(this_folder)`.\n\n"
+        f"{cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.d_model}, context {cfg.context_len}.\n\n"
         "## Tokens\n\n"
-        f"There is no tokenizer file: the token ids are the bytes of UTF-8 text (0..255), {tokenizer.EOT} = EOT "
-        f"(end of text; a document also starts with it, so it is both bos and eos) and {tokenizer.PAD} = PAD "
+        f"There is no tokenizer file: the token ids are the bytes of UTF-8 text (0..255), {eot} = EOT "
+        f"(end of text; a document also starts with it, so it is both bos and eos) and {pad} = PAD "
         "(filler, never generated). Encode and decode in Python:\n\n"
         "```python\n"
-        f"ids = [{tokenizer.EOT}] + list(text.encode(\"utf-8\"))\n"
+        f"ids = [{eot}] + list(text.encode(\"utf-8\"))\n"
         "text = bytes(i for i in ids if i < 256).decode(\"utf-8\", errors=\"replace\")\n"
+        "```\n\n"
+        "## Generate with transformers\n\n"
+        "```python\n"
+        "import torch\n"
+        "from transformers import LlamaForCausalLM\n\n"
+        "model = LlamaForCausalLM.from_pretrained(\"path/to/this/folder\")\n"
+        f"ids = torch.tensor([[{eot}] + list(\"Once upon a time\".encode(\"utf-8\"))])\n"
+        "out = model.generate(ids, max_new_tokens=200, do_sample=True, temperature=0.8, top_p=0.95)\n"
+        "print(bytes(i for i in out[0].tolist() if i < 256).decode(\"utf-8\", errors=\"replace\"))\n"
         "```\n"
     )
 
@@ -141,7 +151,7 @@ def export_hf(model: Transformer, out_dir: str | Path) -> Path:
                  {"format": "pt", "h2q_fingerprint": base_fp, "h2q_config": json.dumps(model.config.to_dict()),
                   "h2q_tokenizer": tokenizer.NAME})
     atomic_write_json(out_dir / HF_CONFIG, hf_config(model.config, next(iter(dtypes))))
-    atomic_write_json(out_dir / GENERATION_CONFIG, generation_config(model.config))
+    atomic_write_json(out_dir / GENERATION_CONFIG, generation_config())
     atomic_write_text(out_dir / README, tokenizer_readme(model.config, base_fp))
     return out_dir
 

@@ -95,8 +95,7 @@ HF_CONFIG = {
     "tie_word_embeddings": True, "initializer_range": 0.02, "use_cache": True,
     "bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 257, "torch_dtype": "float32",
 }
-GENERATION_CONFIG = {"bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 257, "suppress_tokens": [257],
-                     "max_length": 64}
+GENERATION_CONFIG = {"bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 257, "suppress_tokens": [257]}
 PEFT_KEYS = [f"base_model.model.model.layers.{i}.{m}.lora_{f}.weight"
              for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj") for f in "AB"]
 PEFT_CONFIG = {
