@@ -210,11 +210,13 @@ def import_hf(folder: str | Path) -> tuple[Transformer, str | None]:
     """A LLaMA folder (an h2q export, or one saved by transformers) -> (float32 h2q model, the h2q
     fingerprint its weights were exported with, or None for a folder h2q did not write)."""
     folder = Path(folder)
-    cfg = config_from_hf(_read_json(folder / HF_CONFIG, "LLaMA config (config.json)"), folder / HF_CONFIG)
+    hf = _read_json(folder / HF_CONFIG, "LLaMA config (config.json)")
+    model = Transformer(config_from_hf(hf, folder / HF_CONFIG))
     tensors = _read_hf_weights(folder)
-    model = Transformer(cfg)
     expected = {hf_name(k): (k, v.shape) for k, v in model.state_dict().items()}
     head = tensors.pop("lm_head.weight", None)  # an untied save: fine only if it is the embedding
+    if head is None and not hf.get("tie_word_embeddings", False):  # LlamaConfig's default is untied
+        raise FileFormatError(f"{folder / HF_CONFIG} unties the output head, but there is no lm_head.weight")
     if head is not None and not torch.equal(head, tensors.get("model.embed_tokens.weight", head[:0])):
         raise FileFormatError(f"{folder}: lm_head.weight differs from the embedding; h2q's output head is tied to it")
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())

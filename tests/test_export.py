@@ -317,6 +317,8 @@ def test_hf_import_refuses_what_h2q_cannot_run(tmp_path, base, ids):
             hf_format.import_hf(tmp_path / "hf")
     # an untied save (transformers 4's LlamaConfig default) whose head is the embedding imports; another head does not
     config_path.write_text(json.dumps({**HF_CONFIG, "tie_word_embeddings": False}))
+    with pytest.raises(FileFormatError, match="no lm_head.weight"):
+        hf_format.import_hf(tmp_path / "hf")
     weights = load_file(tmp_path / "hf" / "model.safetensors")
     embed = weights["model.embed_tokens.weight"]
     save_file({**weights, "lm_head.weight": embed.clone()}, tmp_path / "hf" / "model.safetensors")
