@@ -1,6 +1,7 @@
 """infer.py: reproducible one-shot output, the REPL driven through a pipe, a conversation that keeps its
 KV cache across turns (and trims or streams when full), streaming that never splits a character, the
-demo, clear errors, and the air gap."""
+demo, agents of committed cycles only, clear errors, the air gap, and imports in one direction."""
+import ast
 import json
 import os
 import shutil
@@ -276,3 +277,41 @@ def test_compile_covers_float_weights_only(ckpt):
     assert s.compiled and s.decoder is not s.model and "decode compiled" in s.weights_label()
     s.set_quant("int8")  # compiled int8/int4 layers gave wrong bytes: those decode eagerly
     assert not s.compiled and s.decoder is s.model and "eager" in s.weights_label()
+
+
+def import_graph() -> dict[str, set[str]]:
+    """h2q module -> the h2q modules it imports anywhere in its text (inside functions too, and the
+    packages an import runs on the way)."""
+    package = ROOT / "h2q"
+    paths = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in package.rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
+        targets |= {t.rsplit(".", k)[0] for t in set(targets) for k in range(1, t.count(".") + 1)}
+        graph[name] = {t for t in targets if t in paths and t != name}
+    return graph
+
+
+def reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+@pytest.mark.parametrize("module", ["h2q.infer", "h2q.chat", "h2q.session", "h2q.generate", "h2q.kvcache",
+                                    "h2q.kvbase", "h2q.kvcompress", "h2q.kvbench", "h2q.data", "h2q.report",
+                                    "h2q.evolve.records"])
+def test_no_import_cycle_through(module):
+    graph = import_graph()
+    assert "h2q.kvcompress" in graph["h2q.kvcache"] and "h2q.session" in graph["h2q.chat"]  # the walk sees imports
+    back = sorted(m for m in reaches(graph, module) if module in reaches(graph, m))
+    assert module not in reaches(graph, module), f"{module} is on an import cycle with {back}"
