@@ -1,4 +1,4 @@
-"""The interactive side of infer.py: the chat REPL and the guided demo, both over h2q.infer's
+"""The interactive side of infer.py: the chat REPL and the guided demo, both over h2q.session's
 `Session` (weights, adapter) and `Conversation` (the running text and its persistent KV cache).
 
 The REPL reads a line at a time (with readline's editing and history where the standard library has
@@ -15,9 +15,11 @@ import textwrap
 from pathlib import Path
 
 from h2q.errors import ConfigError, H2QError
-from h2q.infer import NEWLINE, Conversation, InferConfig, Session, newest_cycle, newest_run, population, stream_to
+from h2q.evolve import records
+from h2q.generate import stream_to
 from h2q.kvcache import policies
 from h2q.quant import model_bytes
+from h2q.session import NEWLINE, Conversation, InferConfig, Session
 
 # -- the REPL ------------------------------------------------------------------------------------------
 PROMPT = "> "
@@ -262,14 +264,14 @@ def demo(cfg: InferConfig, out=None) -> int:
 
 
 def _demo_agents(say, session: Session, prompt: str) -> None:
-    run = Path(session.cfg.run) if session.cfg.run else newest_run()
-    if run is None or not run.is_dir():
+    run = Path(session.cfg.run) if session.cfg.run else records.newest_run()
+    if run is None or not run.is_dir() or not records.committed_cycles(run):
         say("\n4. No evolve run yet: after `python evolve.py`, this tour shows two agents' adapters side by side.")
         return
     last_fitness = lambda agent: (agent.get("fitness") or [-math.inf])[-1]  # noqa: E731
-    agents = sorted(population(run), key=last_fitness, reverse=True)
+    agents = sorted(records.population(run), key=last_fitness, reverse=True)
     picks = [agents[0], agents[-1]] if len(agents) > 1 else [{"slot": 0}, {"slot": 1}]
-    say(f"\n4. Two agents of the evolve run {run} ({newest_cycle(run).name}), the fittest and the least fit, "
+    say(f"\n4. Two agents of the evolve run {run} ({records.newest_cycle(run).name}), the fittest and the least fit, "
         f"continue the same prompt:")
     columns = []
     for agent in picks:

@@ -14,9 +14,9 @@ byte-level, preparing is just selecting and joining bytes:
   split is deterministic, never overlaps and is stable when files are added. A corpus of fewer than
   `MIN_DOCS_FOR_DOC_SPLIT` documents (say one `input.txt`) holds out the tail of each file instead.
 * Without a data folder the default corpus is built from the local Python installation: the help
-  texts of `pydoc_data.topics` and the standard library's `.py` sources (tests included, which brings a
-  CPython install to roughly 30 MB; site-packages, the duplicated pydoc_data module and the generated
-  codec tables of `encodings` are left out). Nothing is downloaded.
+  texts of `pydoc_data.topics` and the standard library's `.py` sources (tests included; site-packages,
+  the duplicated pydoc_data module and the generated codec tables of `encodings` are left out). Nothing
+  is downloaded.
 
 A prepared folder holds `train.bin`, `val.bin` and `manifest.json` (documents with sizes, sha256 and
 split; sha256 and size of both .bin files; totals). It is reused while it verifies and, for a data
@@ -55,6 +55,7 @@ NEWLINE_SNAP = 256  # a held-out tail starts at a line start if one is this clos
 BINARY_SAMPLE = 1 << 16
 MAX_UNDECODABLE = 0.3  # share of bytes in the sample that are not UTF-8 above which a file is binary
 DEFAULT_NAME = "default"
+HASH_CHUNK = 1 << 20  # bytes read per step when hashing a file
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "pydoc_data", "encodings"}
 
 
@@ -184,8 +185,12 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    """The file's sha256, read in chunks (hashlib.file_digest would need Python 3.11)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_manifest(folder: Path) -> tuple[dict | None, str]:
@@ -326,11 +331,19 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: tor
     return windows_to_batch(data, starts, block_size, device)
 
 
+def eval_window_starts(n_bytes: int, block_size: int, count: int) -> np.ndarray:
+    """Offsets (int64) of up to `count` windows of block_size + 1 bytes in an array of n_bytes, evenly
+    spaced from its start to its end (the last window ends at the last byte), each rounded to the
+    nearest byte: the held-out windows every evaluation scores."""
+    last = n_bytes - block_size - 1
+    if last < 0:
+        raise H2QError(f"{n_bytes} bytes hold no window of {block_size + 1}; add text or use a shorter context")
+    return np.linspace(0, last, min(count, last + 1)).round().astype(np.int64)
+
+
 def iter_eval_batches(data: np.ndarray, batch_size: int, block_size: int, max_batches: int,
                       device="cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Up to max_batches batches of windows evenly spaced from the start to the end of the split."""
-    assert len(data) > block_size, "load_corpus guarantees a window of block_size + 1"
-    count = min(batch_size * max_batches, len(data) - block_size)
-    starts = np.linspace(0, len(data) - block_size - 1, count).round().astype(np.int64)
-    for i in range(0, count, batch_size):
+    """Up to max_batches batches of the evaluation windows (`eval_window_starts`)."""
+    starts = eval_window_starts(len(data), block_size, batch_size * max_batches)
+    for i in range(0, len(starts), batch_size):
         yield windows_to_batch(data, starts[i:i + batch_size], block_size, device)

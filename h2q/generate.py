@@ -15,17 +15,21 @@ A seed makes a run reproducible. `on_token` streams each new token id as soon as
 `TextStreamer` turns that into text without splitting a UTF-8 character (or write `bytes([id])` to a
 binary stream to pass the bytes on raw).
 
+`decode` is the one decode loop, shared by `generate_batch` and the chat's persistent conversation
+(h2q/session.py): it samples from the last logits, yields the ids, and feeds them back through the
+cache when asked for the next ones.
+
 `compile=True` runs the decode steps through `torch.compile(model, dynamic=True)` (prefill stays
-eager): one graph per cache policy and batch shape, compiled at the first step (10-20 s for `small` on
-2 CPU cores) and kept for the model's lifetime. At batch 1 on CPU a step is then about twice as fast,
-as the many small elementwise ops of a one-token forward fuse (scripts/bench_kv.py measures both).
+eager): one graph per cache policy and batch shape, compiled at the first step and kept for the
+model's lifetime. At batch 1 on CPU a compiled step is faster, as the many small elementwise ops of a
+one-token forward fuse; scripts/bench_kv.py measures both, and the README's KV table has the figures.
 """
 from __future__ import annotations
 
 import math
 import warnings
 import weakref
-from typing import Callable, Iterable
+from typing import Callable, Generator, Iterable
 
 import torch
 
@@ -80,6 +84,14 @@ class TextStreamer:
             self.write(text)
 
 
+def stream_to(out) -> TextStreamer:
+    """A TextStreamer writing whole characters to the text stream `out`, flushed per chunk."""
+    def write(text):
+        out.write(text)
+        out.flush()
+    return TextStreamer(write)
+
+
 def prompt_ids(prompt: str | bytes | Iterable[int]) -> list[int]:
     """A prompt as ids; an empty prompt starts a fresh document (EOT), so there is a token to predict from."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, (str, bytes)) else [int(i) for i in prompt]
@@ -101,18 +113,40 @@ def cache_length(policy: str, prompt_len: int, max_new_tokens: int, context_len:
 
 
 _compiled = weakref.WeakKeyDictionary()
-# the caches' rotary is one complex multiply, which inductor leaves to eager (and says so at every
-# compile); the rest of the step still fuses, so the notice is noise to a user
-warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+# the caches' rotary is one complex multiply, which inductor leaves to eager and says so at every
+# compile; the rest of the step still fuses, so the notice is noise to a user
+COMPLEX_NOTICE = "Torchinductor does not support code generation for complex"
 
 
 def compiled_decoder(model):
     """`model` under torch.compile with dynamic shapes, made once per model and reused, so the cache
     length growing by one each step does not recompile. Float weights only: with h2q/quant.py's
-    int8/int4 layers the compiled model gave wrong logits."""
+    int8/int4 layers the compiled model gave wrong logits. Compilation happens inside a call, so
+    every call silences inductor's complex-number notice for its own duration only."""
     if model not in _compiled:
-        _compiled[model] = torch.compile(model, dynamic=True)
+        compiled = torch.compile(model, dynamic=True)
+
+        def decoder(*args, **kwargs):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=COMPLEX_NOTICE)
+                return compiled(*args, **kwargs)
+        _compiled[model] = decoder
     return _compiled[model]
+
+
+def decode(decoder, cache: KVCache, logits: torch.Tensor, *, adapters=None, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> Generator[torch.Tensor, torch.Tensor | None, None]:
+    """The decode loop: from `logits` (B, V), the last logits of what `cache` holds, sample ids (B,)
+    and yield them; on resuming, feed those ids (or the ids the caller `send`s instead, e.g. PAD for
+    finished rows) through `decoder` and the cache for the next step's logits. The caller stops when
+    it has enough, so the last sampled ids are never fed back. Run it under torch.inference_mode()."""
+    while True:
+        logits[:, tokenizer.PAD] = -math.inf  # filler is never generated
+        tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        fed = yield tokens
+        tokens = tokens if fed is None else fed
+        logits = decoder(tokens[:, None], cache=cache, adapters=adapters)[:, -1]  # (B, V)
 
 
 def generate_batch(model, prompts: list, max_new_tokens: int = 256, *, temperature: float = 1.0,
@@ -148,9 +182,12 @@ def generate_batch(model, prompts: list, max_new_tokens: int = 256, *, temperatu
     decoder = compiled_decoder(model) if compile else model
     with torch.inference_mode():
         logits = prefill(model, cache, ids, adapters)  # (B, V)
+        steps = decode(decoder, cache, logits, adapters=adapters, temperature=temperature, top_k=top_k,
+                       top_p=top_p, generator=generator)
+        fed = None
         for step in range(max_new_tokens):
-            logits[:, tokenizer.PAD] = -math.inf  # filler is never generated
-            tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            tokens = steps.send(fed)  # (B,); the first send(None) starts the loop
+            fed = None
             for row, token in enumerate(tokens.tolist()):
                 if done[row]:
                     continue
@@ -165,8 +202,7 @@ def generate_batch(model, prompts: list, max_new_tokens: int = 256, *, temperatu
             if any(done):
                 running = torch.tensor([not d for d in done], device=weight.device)  # (B,)
                 cache.set_pad_mask(running[:, None])
-                tokens = tokens.masked_fill(~running, tokenizer.PAD)
-            logits = decoder(tokens[:, None], cache=cache, adapters=adapters)[:, -1]  # (B, V)
+                fed = tokens.masked_fill(~running, tokenizer.PAD)
     return outputs
 
 

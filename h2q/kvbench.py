@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from h2q.data import eval_window_starts, windows_to_batch
 from h2q.generate import generate_batch
 from h2q.kvcache import make_cache
 
@@ -28,16 +29,9 @@ class CacheEval:
 
 
 def eval_windows(val: np.ndarray, ctx: int, n_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evenly spaced windows of the validation bytes -> inputs and next-byte targets, (N, ctx) each."""
-    from h2q.data import (
-        windows_to_batch,  # NUL document separators become EOT, as in training
-    )
-
-    last_start = len(val) - ctx - 1
-    if last_start < 0:
-        raise ValueError(f"{len(val)} validation bytes hold no window of {ctx + 1}")
-    starts = np.linspace(0, last_start, num=min(n_windows, last_start + 1)).astype(np.int64)
-    return windows_to_batch(val, starts, ctx)
+    """The evaluation windows of the validation bytes (h2q.data.eval_window_starts, as training's
+    evaluation cuts them) -> inputs and next-byte targets, (N, ctx) each, NUL separators as EOT."""
+    return windows_to_batch(val, eval_window_starts(len(val), ctx, n_windows), ctx)
 
 
 @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""KV-cache compression policies, built on the cache classes of h2q/kvcache.py.
+"""KV-cache compression policies on the cache classes of h2q/kvbase.py; h2q/kvcache.py makes them by name.
 
 * `int8` / `int4` (KIVI, Liu et al. 2024): keys quantized per channel (each channel's min/max over a
   group of `group` consecutive tokens), values per token (each token's min/max over `group`-wide
@@ -10,8 +10,7 @@
   dequantized copy is kept; that is the memory saving). Per element the round-trip error is at most
   half a step, step = group range / 255 (int8) or / 15 (int4), plus fp16 rounding of the group's
   minimum and scale. Documented tolerance, checked by tests/test_kvcache.py on a random model with
-  peaked attention: logits within 1% (int8) / 10% (int4) of the logits' standard deviation of `full`
-  (measured there: about 0.12% and 2%).
+  peaked attention: logits within 1% (int8) / 10% (int4) of the logits' standard deviation of `full`.
   Truncating into an already quantized group moves that group's kept part back into the residual as
   its dequantized (already rounded) values.
 * `window` (StreamingLLM, Xiao et al. 2023): the first `sinks` tokens of each row (attention sinks,
@@ -34,7 +33,7 @@ import math
 
 import torch
 
-from h2q.kvcache import KVCache, SlotCache, angles, as_pairs, interleaved, pairs
+from h2q.kvbase import KVCache, SlotCache, angles, as_pairs, interleaved, pairs
 
 SCALE_FLOOR = 1e-6  # a constant group gets this step instead of dividing by zero
 

@@ -1,17 +1,18 @@
 """See a run: PNG figures and one self-contained `report.html` for a training run or an evolve run.
 
-`write_report(run_dir, out_dir=None)` tells the run's kind by the files in it (notes: the evolve run
-folder format), draws its figures into `out_dir` (default RUN_DIR/report/) and writes `report.html`
-there with every figure embedded as a base64 data URI (and linked to its PNG beside it), so the page
-opens offline with nothing external: no CSS, scripts or fonts from elsewhere.
+`write_report(run_dir, out_dir=None)` tells the run's kind by the files in it, draws its figures into
+`out_dir` (default RUN_DIR/report/) and writes `report.html` there with every figure embedded as a
+base64 data URI (and linked to its PNG beside it), so the page opens offline with nothing external:
+no CSS, scripts or fonts from elsewhere.
 
 * training run (metrics.jsonl of evaluations, training_log.json): train/val loss and bits per byte
   against steps and against wall-clock, the learning rate (the schedule of `h2q.train.lr_at` plus the
   logged values) and throughput; an adapter fine-tune also gets its adapter heatmap.
-* evolve run (config.json, metrics.jsonl of cycles, population.json, cycle_NNN/agent_MM/): best /
-  median / mean fitness per cycle against the oracle and random levels, % of oracle, diversity, deaths;
-  the lineage tree; a heatmap of every agent's update norm ||s B@A||_F per layer and module in the last
-  cycle, absolute and relative to each agent's largest, so specialisation shows.
+* evolve run (notes/evolve_format.md, read through h2q/evolve/records.py, so a live run shows its
+  committed cycles only): best / median / mean fitness per cycle against the oracle and random levels,
+  % of oracle, diversity, deaths; the lineage tree; a heatmap of every agent's update norm ||s B@A||_F
+  per layer and module in the last cycle, absolute and relative to each agent's largest, so
+  specialisation shows.
 * both: tables of the run's config and its final figures.
 
 Matplotlib is an optional extra (`pip install -e .[plot]`), imported only inside the functions that
@@ -24,18 +25,21 @@ import base64
 import html
 import json
 import math
-import re
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from h2q.checkpoint import STATE_FILE, atomic_write, atomic_write_text, read_tensors
 from h2q.errors import H2QError
+from h2q.evolve import records
+from h2q.evolve.records import read_json, read_jsonl
 from h2q.lora import ADAPTER_FILE, CONFIG_FILE, LINEARS, LoraConfig
+from h2q.train import TrainConfig, lr_at
 
 INSTALL_HINT = "the report draws with matplotlib, which is not installed; install it with: pip install -e .[plot]"
 DPI = 110
-CYCLE_DIR = re.compile(r"cycle_(\d+)$")
 
 
 def _require_matplotlib() -> None:
@@ -59,44 +63,13 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-# -- reading a run ---------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines log. A last line without its newline is a record still being
-    appended by a live run and is left out; any other broken line is a H2QError."""
-    lines = path.read_text(encoding="utf-8").split("\n")
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                continue
-            raise H2QError(f"{path} line {number} is not JSON; repair or delete that line") from None
-        if not isinstance(record, dict):
-            raise H2QError(f"{path} line {number} is not a JSON object; repair or delete that line")
-        records.append(record)
-    return records
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise H2QError(f"{path} is unreadable ({e}); restore it or re-run") from None
-
-
-def _cycle_dirs(run_dir: Path) -> dict[int, Path]:
-    return {int(m.group(1)): p for p in run_dir.iterdir() if p.is_dir() and (m := CYCLE_DIR.match(p.name))}
-
-
+# -- reading a run (an evolve run's folder: h2q/evolve/records.py) ---------------------------------
 def detect_kind(run_dir: Path) -> str:
     """'train' or 'evolve', from the files present (a bare metrics.jsonl: from its first record)."""
     if not run_dir.is_dir():
         raise H2QError(f"run folder {run_dir} does not exist; give a training run (e.g. checkpoints/base) "
                         f"or an evolve run (e.g. checkpoints/evolve/RUN)")
-    if any((run_dir / n).is_file() for n in ("population.json", "evolution_stats.json")) or _cycle_dirs(run_dir):
+    if records.is_run(run_dir):
         return "evolve"
     if any((run_dir / n).is_file() for n in ("training_log.json", STATE_FILE)):
         return "train"
@@ -111,12 +84,17 @@ def detect_kind(run_dir: Path) -> str:
 
 
 def _metrics(run_dir: Path, x_key: str) -> list[dict]:
+    """A training run's evaluations (x_key 'step') or an evolve run's committed cycles ('cycle')."""
     path = run_dir / "metrics.jsonl"
-    records = [r for r in read_jsonl(path) if isinstance(r.get(x_key), (int, float))] if path.is_file() else []
-    if not records:
-        raise H2QError(f"nothing to report yet: {path} holds no records with '{x_key}'; "
+    if x_key == "cycle":
+        found = records.read_metrics(run_dir)
+    else:
+        found = [r for r in read_jsonl(path) if isinstance(r.get(x_key), (int, float))] if path.is_file() else []
+    if not found:
+        raise H2QError(f"nothing to report yet: {path} holds no records with '{x_key}'"
+                        f"{' of a committed cycle' if x_key == 'cycle' else ''}; "
                         f"wait for the run's first {'evaluation' if x_key == 'step' else 'cycle'}")
-    return records
+    return found
 
 
 def _series(records: list[dict], x_key: str, key: str, scale: float = 1.0) -> tuple[list, list]:
@@ -127,7 +105,7 @@ def _series(records: list[dict], x_key: str, key: str, scale: float = 1.0) -> tu
 
 def adapter_norms(adapter_dir: Path) -> dict[str, float]:
     """Module key -> ||s B@A||_F, the size of the update the adapter in `adapter_dir` adds there."""
-    config = _read_json(adapter_dir / CONFIG_FILE)
+    config = read_json(adapter_dir / CONFIG_FILE)
     try:
         scaling = LoraConfig(r=int(config["r"]), alpha=float(config["lora_alpha"]),
                              rslora=bool(config.get("use_rslora", False))).scaling
@@ -187,7 +165,6 @@ def _plot_schedule(records: list[dict], log: dict | None, path: Path) -> Path:
     fig, axes = _figure(1, 2, 11, 3.6)
     ax = axes[0][0]
     if log and log.get("max_steps") and log.get("train_config"):
-        from h2q.train import TrainConfig, lr_at
         known = {f.name for f in fields(TrainConfig)}  # a log from another version may differ in flags
         cfg = TrainConfig(**{k: v for k, v in log["train_config"].items() if k in known})
         steps = int(log["max_steps"])
@@ -303,7 +280,6 @@ def _plot_lineage(population: dict, path: Path) -> Path | None:
 def _plot_adapter_heatmap(rows: list[tuple[str, dict[str, float]]], title: str, path: Path) -> Path:
     """Rows = adapters, columns = layer.module, value = ||s B@A||_F; with several adapters a second
     panel divides each row by its largest value, so where each one specialises shows at any scale."""
-    import numpy as np
     keys = sorted({k for _, norms in rows for k in norms}, key=_column_order)
     values = np.array([[norms.get(k, np.nan) for k in keys] for _, norms in rows])  # (agents, layer.module)
     panels = [(values, r"$\|s\,BA\|_F$", "update norm")]
@@ -351,7 +327,7 @@ def _figure_html(path: Path, caption: str) -> str:
 
 def _training_sections(run_dir: Path, out_dir: Path) -> list[str]:
     records = _metrics(run_dir, "step")
-    log = _read_json(run_dir / "training_log.json") if (run_dir / "training_log.json").is_file() else None
+    log = read_json(run_dir / "training_log.json") if (run_dir / "training_log.json").is_file() else None
     parts = ["<h2>Training</h2>",
              _figure_html(_plot_training_curves(records, out_dir / "training_curves.png"),
                           "train and validation loss (nats/byte) and bits per byte, against steps and wall-clock"),
@@ -375,35 +351,30 @@ def _training_sections(run_dir: Path, out_dir: Path) -> list[str]:
 
 
 def _evolve_sections(run_dir: Path, out_dir: Path) -> list[str]:
-    records = sorted(_metrics(run_dir, "cycle"), key=lambda r: r["cycle"])
+    cycle_records = _metrics(run_dir, "cycle")
     parts = ["<h2>Evolution</h2>",
-             _figure_html(_plot_fitness(records, out_dir / "evolve_fitness.png"),
+             _figure_html(_plot_fitness(cycle_records, out_dir / "evolve_fitness.png"),
                           "best, median and mean fitness per cycle with the oracle and random levels")]
-    population_plot = _plot_population(records, out_dir / "evolve_population.png")
+    population_plot = _plot_population(cycle_records, out_dir / "evolve_population.png")
     if population_plot:
         parts.append(_figure_html(population_plot, "diversity, deaths, food delivered and time per cycle"))
-    population = _read_json(run_dir / "population.json") if (run_dir / "population.json").is_file() else {}
+    population = records.read_population(run_dir)
     lineage = _plot_lineage(population, out_dir / "evolve_lineage.png")
     parts.append(_figure_html(lineage, "who descends from whom: x = birth cycle, colour = fitness")
-                 if lineage else "<p>No population.json: no lineage tree.</p>")
-    cycles = {c: p for c, p in _cycle_dirs(run_dir).items()
-              if any((a / ADAPTER_FILE).is_file() for a in p.glob("agent_[0-9]*"))}
+                 if lineage else "<p>No population.json of the last committed cycle: no lineage tree.</p>")
+    cycles = records.committed_cycles(run_dir)
     if cycles:
         last = max(cycles)
-        by_slot = {a.get("slot"): a for a in population.get("agents", [])}
-        rows = []
-        for agent_dir in sorted(p for p in cycles[last].glob("agent_[0-9]*") if (p / ADAPTER_FILE).is_file()):
-            slot = int(agent_dir.name[len("agent_"):])
-            agent = by_slot.get(slot, {}) if population.get("cycle") == last else {}
-            rows.append((f"{agent.get('id', agent_dir.name)} (slot {slot})", adapter_norms(agent_dir)))
+        by_slot = {a.get("slot"): a for a in population.get("agents", [])} if population.get("cycle") == last else {}
+        rows = [(f"{by_slot.get(slot, {}).get('id', folder.name)} (slot {slot})", adapter_norms(folder))
+                for slot, folder in records.agent_dirs(cycles[last]).items()]
         parts.append(_figure_html(_plot_adapter_heatmap(rows, f"adapters of cycle {last}", out_dir / "adapter_norms.png"),
                                   f"each agent's update norm ||s B@A||_F per layer and module in {cycles[last].name}"))
     else:
         parts.append("<p>No cycle_NNN/agent_MM adapters: no adapter heatmap.</p>")
-    stats = _read_json(run_dir / "evolution_stats.json") if (run_dir / "evolution_stats.json").is_file() else {}
-    final = {"cycles completed": len(records), **{f"last cycle {k}": v for k, v in records[-1].items()}, **stats}
-    config = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
-    return parts + [_table("Final figures", final), _table("Run config", _flatten(config))]
+    final = {"cycles completed": len(cycle_records), **{f"last cycle {k}": v for k, v in cycle_records[-1].items()},
+             **records.read_stats(run_dir)}
+    return parts + [_table("Final figures", final), _table("Run config", _flatten(records.read_config(run_dir)))]
 
 
 STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from h2q import checkpoint, kvbench  # noqa: E402
 from h2q.cli import resolve_device, run_main  # noqa: E402
 from h2q.config import PRESETS  # noqa: E402
+from h2q.data import load_corpus  # noqa: E402
 from h2q.errors import H2QError  # noqa: E402
 from h2q.kvcache import policies  # noqa: E402
 from h2q.model import Transformer  # noqa: E402
@@ -70,8 +71,6 @@ def validation_bytes(args, ctx) -> np.ndarray:
         if not path.is_file():
             raise H2QError(f"--text-file {path} not found")
         return np.frombuffer(path.read_bytes(), dtype=np.uint8)
-    from h2q.data import load_corpus
-
     return load_corpus(args.data_dir, ctx).val
 
 

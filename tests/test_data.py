@@ -1,4 +1,5 @@
 """Data pipeline: selection of text files, deterministic disjoint splits, caching, batches."""
+import hashlib
 import json
 import os
 import random
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from h2q import data
+from h2q import data, kvbench
 from h2q.errors import H2QError
 from h2q.tokenizer import EOT
 
@@ -231,6 +232,29 @@ def test_eval_batches_deterministic_evenly_spaced():
     assert x[0].tolist() == array[:10].tolist() and y[-1].tolist() == array[-10:].tolist()
     tiny = np.arange(1, 14, dtype=np.uint8)  # only 3 windows of 10 + 1
     assert sum(len(x) for x, _ in data.iter_eval_batches(tiny, 2, 10, 5)) == 3
+
+
+def test_eval_windows_are_one_computation():
+    """Training's evaluation batches and the KV benchmark score the same windows, rounded to the
+    nearest byte, the first at the start and the last at the end."""
+    array = np.frombuffer(bytes(range(1, 201)) * 5, dtype=np.uint8)  # 1000 bytes
+    starts = data.eval_window_starts(len(array), 10, 7)
+    assert starts.tolist() == [0, 165, 330, 494, 659, 824, 989]  # 989 * k / 6, rounded
+    batches = torch.cat([x for x, _ in data.iter_eval_batches(array, 4, 10, 2)])
+    x, y = kvbench.eval_windows(array, 10, 8)
+    first_bytes = torch.from_numpy(array[data.eval_window_starts(len(array), 10, 8)]).long()
+    assert torch.equal(batches, x) and torch.equal(x[:, 0], first_bytes)
+    assert len(data.eval_window_starts(13, 10, 5)) == 3  # only 3 windows of 10 + 1 fit
+    with pytest.raises(H2QError, match="no window of 11"):
+        data.eval_window_starts(10, 10, 1)
+
+
+def test_file_hash_without_file_digest(tmp_path, monkeypatch):
+    """sha256_file reads in chunks, so it works on Python 3.10 (no hashlib.file_digest)."""
+    monkeypatch.delattr(hashlib, "file_digest", raising=False)
+    payload = bytes(range(256)) * (3 * data.HASH_CHUNK // 256 + 7)  # several chunks and a partial one
+    (tmp_path / "f.bin").write_bytes(payload)
+    assert data.sha256_file(tmp_path / "f.bin") == hashlib.sha256(payload).hexdigest()
 
 
 def test_default_corpus_builder(tmp_path):

@@ -1,16 +1,24 @@
 """Generation: greedy is deterministic and matches recomputation, seeds reproduce, stop bytes stop,
-top-k 1 is greedy, batches equal single prompts, `window` streams past the context in fixed memory."""
+top-k 1 is greedy, batches equal single prompts, the decode loop continues a kept cache, `window`
+streams past the context in fixed memory, and no warning filter is changed behind the caller's back."""
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
 from h2q import tokenizer
 from h2q.config import PRESETS
 from h2q.errors import H2QError
-from h2q.generate import TextStreamer, compiled_decoder, generate, generate_batch, sample_next
-from h2q.kvcache import make_cache
+from h2q.generate import COMPLEX_NOTICE, TextStreamer, compiled_decoder, decode, generate, generate_batch, sample_next
+from h2q.kvcache import make_cache, prefill
 from h2q.model import Transformer
 
 CFG = PRESETS["tiny"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +79,38 @@ def test_batch_of_different_lengths_equals_single_prompts(model):
         assert out == generate(model, prompt, 12, temperature=0, stop=())
 
 
+def test_decode_loop_continues_a_kept_cache(model):
+    """The loop the chat's conversation runs: greedy ids equal recomputation, each id joins the cache
+    only when the next is asked for (the last one is never fed), and a sent id is fed instead."""
+    prompt = tokenizer.encode(b"hello agents")
+    cache = make_cache("full", CFG, 1, 40)
+    with torch.inference_mode():
+        steps = decode(model, cache, prefill(model, cache, [prompt]), temperature=0)
+        ids = [int(next(steps)) for _ in range(10)]
+        assert ids == greedy_by_recompute(model, prompt, 10) and cache.length == len(prompt) + 9
+        other = int(steps.send(torch.tensor([ord("x")])))  # feed 'x' in place of the 10th id
+    assert other == greedy_by_recompute(model, prompt + ids[:9] + [ord("x")], 1)[0]
+
+
+def test_imports_leave_the_warning_filters_alone():
+    """torch and numpy set their own filters when imported; h2q's modules add none."""
+    code = ("import warnings, numpy, safetensors.torch, torch, tqdm; before = list(warnings.filters); "
+            "import h2q.infer, h2q.kvbench, h2q.report; "
+            "assert warnings.filters == before, 'an h2q import changed the warning filters'")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_compiled_decoding_equals_eager(model):
     prompts = [b"twenty agents decide", b"a", bytes(range(40, 75))]
     stop = [generate_batch(model, prompts, 12, temperature=0, stop=())[1][4]]  # rows stop: pad masks
     eager = generate_batch(model, prompts, 12, temperature=0, stop=stop)
-    assert generate_batch(model, prompts, 12, temperature=0, stop=stop, compile=True) == eager
+    with warnings.catch_warnings(record=True) as seen:  # the compile happens in here
+        warnings.simplefilter("always")
+        assert generate_batch(model, prompts, 12, temperature=0, stop=stop, compile=True) == eager
+    assert not [w for w in seen if COMPLEX_NOTICE in str(w.message)]  # silenced inside the call...
+    assert not [f for f in warnings.filters if f[1] is not None and f[1].match(COMPLEX_NOTICE)]  # ...only
     cache, ids = make_cache("full", CFG, 1, 20), torch.tensor([tokenizer.encode(b"sixteen bytes ok")])
     with torch.inference_mode():
         steps = [compiled_decoder(model)(ids[:, t:t + 1], cache=cache)[:, -1] for t in range(16)]  # batch 1

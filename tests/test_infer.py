@@ -1,8 +1,10 @@
 """infer.py: reproducible one-shot output, the REPL driven through a pipe, a conversation that keeps its
 KV cache across turns (and trims or streams when full), streaming that never splits a character, the
-demo, clear errors, and the air gap."""
+demo, agents of committed cycles only, clear errors, the air gap, and imports in one direction."""
+import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from h2q import infer
-from h2q.checkpoint import save_model
+from h2q import generate, infer
+from h2q.checkpoint import save_model, save_tensors
 from h2q.cli import run_main
 from h2q.config import PRESETS
-from h2q.infer import Conversation, InferConfig, Session, one_shot, resolve_adapter
+from h2q.errors import H2QError
+from h2q.evolve import records
+from h2q.generate import stream_to
+from h2q.infer import one_shot
 from h2q.lora import LoraAdapter, LoraConfig
 from h2q.model import Transformer
+from h2q.session import Conversation, InferConfig, Session, resolve_adapter
 from h2q.tokenizer import EOT, encode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +50,13 @@ def ckpt(tmp_path_factory):
     agents = [{"id": "a0003", "slot": 1, "rank": 2, "fitness": [-1.0, -2.5]},
               {"id": "a0007", "slot": 0, "rank": 2, "fitness": [-1.5]}]
     (root / "run" / "population.json").write_text(json.dumps({"cycle": 2, "agents": agents, "history": agents}))
+    commit(root / "run", 2)
     return root
+
+
+def commit(run: Path, cycle: int):
+    """The commit point of an evolve run (notes/evolve_format.md): the main state naming `cycle`."""
+    save_tensors(run / records.STATE_DIR / records.STATE_FILE, {}, {"cycle": str(cycle), "history": "[]"})
 
 
 def run_infer(*args, stdin: str | bytes = b"", script=("infer.py",)):
@@ -131,7 +143,7 @@ def test_conversation_keeps_its_cache_across_turns(ckpt, monkeypatch):
     s = session(ckpt, max_new_tokens=8)
     chat = Conversation(s, "full")
     sampler = scripted_sampler("ab\n\nxyz")  # reply 1 ends at a blank line, reply 2 at EOT
-    monkeypatch.setattr(infer, "sample_next", sampler)
+    monkeypatch.setattr(generate, "sample_next", sampler)
     first = chat.reply(b"hi", lambda t: None)
     assert first.ended == "blank line" and first.prefill_tokens == 1 + len(b"hi\n")
     second = chat.reply(b"yo", lambda t: None)
@@ -150,7 +162,7 @@ def test_conversation_keeps_its_cache_across_turns(ckpt, monkeypatch):
 def test_full_context_trims_oldest_turns_once_and_window_streams_on(ckpt, monkeypatch):
     said = []
     s = session(ckpt, max_new_tokens=10)
-    monkeypatch.setattr(infer, "sample_next", scripted_sampler("0123456789" * 100))
+    monkeypatch.setattr(generate, "sample_next", scripted_sampler("0123456789" * 100))
     chat = Conversation(s, "full")
     for i in range(8):
         reply = chat.reply(f"turn {i}".encode(), lambda t: None, said.append)
@@ -173,10 +185,10 @@ def test_full_context_trims_oldest_turns_once_and_window_streams_on(ckpt, monkey
 def test_streaming_never_splits_a_character(ckpt, monkeypatch):
     s = session(ckpt, max_new_tokens=40)
     repl_out = Chunks()
-    monkeypatch.setattr(infer, "sample_next", scripted_sampler(MULTIBYTE))
-    Conversation(s, "full").reply(b"go", infer.stream_to(repl_out))
+    monkeypatch.setattr(generate, "sample_next", scripted_sampler(MULTIBYTE))
+    Conversation(s, "full").reply(b"go", stream_to(repl_out))
     oneshot_out = Chunks()
-    monkeypatch.setattr("h2q.generate.sample_next", scripted_sampler(MULTIBYTE))
+    monkeypatch.setattr(generate, "sample_next", scripted_sampler(MULTIBYTE))
     s.cfg.prompt = "go"
     one_shot(s, out=oneshot_out, err=Chunks())
     for out in (repl_out, oneshot_out):
@@ -190,6 +202,34 @@ def test_adapter_resolution(ckpt):
     folder, label = resolve_adapter("A0007", str(ckpt / "run"))
     assert folder == ckpt / "run" / "cycle_002" / "agent_00" and label.startswith("a0007 (slot 0")
     assert resolve_adapter("1", str(ckpt / "run"))[0].name == "agent_01"
+
+
+def test_agents_come_from_the_newest_committed_cycle(ckpt, tmp_path):
+    """A cycle written but not yet committed (adapters and population.json come before the commit
+    point) is invisible until the main state names it; the newest run is the one that committed last."""
+    run = tmp_path / "run"
+    shutil.copytree(ckpt / "run", run)
+    shutil.copytree(run / "cycle_002", run / "cycle_003")
+    population = json.loads((run / "population.json").read_text())
+    (run / "population.json").write_text(json.dumps({**population, "cycle": 3,
+                                                     "agents": [{"id": "a0009", "slot": 1, "fitness": [-1.0]}]}))
+    folder, label = resolve_adapter("1", str(run))
+    assert folder == run / "cycle_002" / "agent_01" and label.startswith("agent (slot 1, cycle_002")
+    with pytest.raises(H2QError, match="'a0009' is neither"):
+        resolve_adapter("a0009", str(run))
+    commit(run, 3)
+    folder, label = resolve_adapter("a0009", str(run))
+    assert folder == run / "cycle_003" / "agent_01" and label.startswith("a0009 (slot 1, cycle_003")
+    (run / records.STATE_DIR / records.STATE_FILE).unlink()
+    with pytest.raises(H2QError, match="no committed cycle"):
+        resolve_adapter("0", str(run))
+    assert records.newest_run(tmp_path) is None  # no run has committed a cycle
+    other = tmp_path / "other"
+    shutil.copytree(ckpt / "run", other)
+    assert records.newest_run(tmp_path) == other
+    commit(run, 3)
+    os.utime(other / records.STATE_DIR / records.STATE_FILE, (1, 1))  # committed long ago
+    assert records.newest_run(tmp_path) == run
 
 
 def test_demo_runs_and_shows_tables_and_agents(ckpt):
@@ -220,7 +260,7 @@ def test_air_gapped_one_shot(ckpt):
 def test_quant_switches_come_from_the_kept_float_weights(ckpt, monkeypatch):
     s = session(ckpt, group_size=32)
     before = {k: v.clone() for k, v in s.float_model.state_dict().items()}
-    monkeypatch.setattr(infer, "load_model", lambda *a, **k: pytest.fail("re-read the checkpoint"))
+    monkeypatch.setattr("h2q.session.load_model", lambda *a, **k: pytest.fail("re-read the checkpoint"))
     s.set_quant("int4")
     int4 = s.model
     s.set_quant("int8")
@@ -237,3 +277,41 @@ def test_compile_covers_float_weights_only(ckpt):
     assert s.compiled and s.decoder is not s.model and "decode compiled" in s.weights_label()
     s.set_quant("int8")  # compiled int8/int4 layers gave wrong bytes: those decode eagerly
     assert not s.compiled and s.decoder is s.model and "eager" in s.weights_label()
+
+
+def import_graph() -> dict[str, set[str]]:
+    """h2q module -> the h2q modules it imports anywhere in its text (inside functions too, and the
+    packages an import runs on the way)."""
+    package = ROOT / "h2q"
+    paths = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in package.rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
+        targets |= {t.rsplit(".", k)[0] for t in set(targets) for k in range(1, t.count(".") + 1)}
+        graph[name] = {t for t in targets if t in paths and t != name}
+    return graph
+
+
+def reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+@pytest.mark.parametrize("module", ["h2q.infer", "h2q.chat", "h2q.session", "h2q.generate", "h2q.kvcache",
+                                    "h2q.kvbase", "h2q.kvcompress", "h2q.kvbench", "h2q.data", "h2q.report",
+                                    "h2q.evolve.records"])
+def test_no_import_cycle_through(module):
+    graph = import_graph()
+    assert "h2q.kvcompress" in graph["h2q.kvcache"] and "h2q.session" in graph["h2q.chat"]  # the walk sees imports
+    back = sorted(m for m in reaches(graph, module) if module in reaches(graph, m))
+    assert module not in reaches(graph, module), f"{module} is on an import cycle with {back}"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from h2q import kvbench
 from h2q.config import PRESETS
 from h2q.kvcache import FullCache, make_cache, prefill
 from h2q.kvcompress import quantize
@@ -235,8 +236,6 @@ def test_bad_arguments_raise():
 def test_bits_per_byte_through_full_cache_equals_plain_evaluation():
     """The benchmark's teacher-forced path: one token per forward through `full` gives the plain
     forward's bits per byte, on windows cut evenly from the whole byte array (the last one at its end)."""
-    from h2q import kvbench
-
     model = tiny_model()
     val = np.frombuffer(bytes(random_ids(400, seed=4).tolist()) + b"\x00" + b"tail" * 20, dtype=np.uint8)
     x, y = kvbench.eval_windows(val, CFG.context_len, 3)

@@ -1,9 +1,10 @@
 """scripts/report.py: figures and report.html for a real tiny training run and for a synthetic evolve run
-written exactly as /work/notes/evolve_format.md says, the adapter norms it shows, clear errors, and the
-one-line install hint without matplotlib."""
+written exactly as notes/evolve_format.md says (committed cycles only), the adapter norms it shows, clear
+errors, and the one-line install hint without matplotlib."""
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,10 @@ import pytest
 import torch
 
 from h2q import lora
-from h2q.checkpoint import atomic_write_json
+from h2q.checkpoint import atomic_write_json, save_tensors
 from h2q.config import PRESETS
 from h2q.errors import H2QError
+from h2q.evolve import records as run_records
 from h2q.model import Transformer
 from h2q.report import adapter_norms, detect_kind, read_jsonl, write_report
 from h2q.train import TrainConfig, train
@@ -81,7 +83,15 @@ def make_evolve_run(out: Path, env: str = "grid") -> dict[str, lora.LoraAdapter]
     atomic_write_json(out / "evolution_stats.json", {"total_evolution_cycles": 2, "successful_cycles": 2,
                                                      "failed_cycles": 0, "average_improvement": 0.075,
                                                      "best_fitness": 0.45, "best_agent": "a0004"})
+    history = [{"cycle": r["cycle"], "best": r["best"], "agent": a} for r, a in zip(records, ("a0003", "a0004"))]
+    commit(out, 2, history)
     return last
+
+
+def commit(out: Path, cycle: int, history: list[dict]):
+    """The commit point: the main state naming the cycle (its tensors do not matter to a reader)."""
+    save_tensors(out / run_records.STATE_DIR / run_records.STATE_FILE, {},
+                 {"cycle": str(cycle), "history": json.dumps(history)})
 
 
 def run_script(args, **kw):
@@ -111,6 +121,28 @@ def test_evolve_run_report(tmp_path, env):
     check_report(report, {"evolve_fitness.png", "evolve_population.png", "evolve_lineage.png", "adapter_norms.png"})
     page = report.read_text(encoding="utf-8")
     assert "cycle_002" in page and "Run config" in page and "best_agent" in page
+
+
+def test_evolve_report_shows_committed_cycles_only(tmp_path):
+    """What a run leaves while it writes cycle 3 (its adapters, population.json, a metrics record, all
+    before the commit point) stays out of the report; once committed, cycle 3 is in."""
+    run = tmp_path / "evolve"
+    make_evolve_run(run)
+    population = json.loads((run / "population.json").read_text())
+    shutil.copytree(run / "cycle_002", run / "cycle_003")  # cycle 3's adapters
+    atomic_write_json(run / "population.json", {**population, "cycle": 3})
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"cycle": 3, "best": 9.0, "median": 9.0, "mean": 9.0, "worst": 9.0}) + "\n")
+    assert [r["cycle"] for r in run_records.read_metrics(run)] == [1, 2]
+    assert run_records.read_population(run) == {} and run_records.newest_cycle(run).name == "cycle_002"
+    page = write_report(run, tmp_path / "out").read_text(encoding="utf-8")
+    assert "cycle_002" in page and "cycle_003" not in page and "<th>last cycle best</th><td>9</td>" not in page
+    assert "<th>cycles completed</th><td>2</td>" in page and "<th>total_evolution_cycles</th><td>2</td>" in page
+    commit(run, 3, [{"cycle": c, "best": 0.1 * c, "agent": "a0004"} for c in (1, 2, 3)])
+    page = write_report(run, tmp_path / "out").read_text(encoding="utf-8")
+    assert "cycle_003" in page and "<th>cycles completed</th><td>3</td>" in page
+    assert "<th>last cycle best</th><td>9</td>" in page
+    assert "<th>total_evolution_cycles</th><td>3</td>" in page
 
 
 def test_adapter_norms_are_the_update_norms(tmp_path):

@@ -1,5 +1,6 @@
 """The evolve run folder (notes/evolve_format.md): the per-cycle records and the resume state, written
-and read back. Rank 0 writes everything except each process's own learner state.
+and read back. Rank 0 writes everything except each process's own learner state. Every reader of a
+run (resume, infer.py's agents, the chat demo, h2q/report.py) goes through this file.
 
 Crash safety: every file is written atomically (h2q.checkpoint), and a cycle's files go in the order
 adapters (cycle_NNN/) -> population.json -> metrics.jsonl -> evolution_stats.json -> per-process
@@ -7,6 +8,8 @@ learner states (state/env_cNNN_rK.safetensors) -> the main state (state/evolve_s
 meta adapter; cycle, lineage and best-fitness history in its metadata). The main state is the commit
 point: resume reads the cycle it names, drops metrics records and cycle folders past it, and loads
 the learner states of that very cycle (older ones are removed only after the main state is written).
+Readers see the committed cycles only: cycle folders and metrics records up to the cycle the main
+state names, population.json while it describes that cycle, statistics from its history.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from h2q.evolve.evolution import Evaluation, Population
 
 RUN_ROOT = Path("checkpoints/evolve")
 STATE_DIR, STATE_FILE = "state", "evolve_state.safetensors"
+CONFIG, POPULATION, METRICS, STATS = "config.json", "population.json", "metrics.jsonl", "evolution_stats.json"
+CYCLE_DIR, AGENT_DIR = re.compile(r"cycle_(\d+)"), re.compile(r"agent_(\d+)")
 
 
 def resolve_out(out: str | None, resume: bool) -> Path:
@@ -42,22 +47,40 @@ def cycle_dir(out: Path, cycle: int) -> Path:
     return out / f"cycle_{cycle:03d}"
 
 
+def agent_dir(cycle_folder: Path, slot: int) -> Path:
+    """The adapter folder (h2q/lora.py's format) of population slot `slot` in a cycle folder."""
+    return cycle_folder / f"agent_{slot:02d}"
+
+
+def cycle_dirs(out: Path) -> dict[int, Path]:
+    """Every cycle_NNN folder on disk by cycle number, committed or not (readers: `committed_cycles`)."""
+    found = {int(m.group(1)): p for p in out.iterdir() if p.is_dir() and (m := CYCLE_DIR.fullmatch(p.name))} \
+        if out.is_dir() else {}
+    return dict(sorted(found.items()))
+
+
+def agent_dirs(cycle_folder: Path) -> dict[int, Path]:
+    """The agent_MM folders of a cycle folder by slot."""
+    found = {int(m.group(1)): p for p in cycle_folder.iterdir() if p.is_dir() and (m := AGENT_DIR.fullmatch(p.name))}
+    return dict(sorted(found.items()))
+
+
 def start_fresh(out: Path, config: dict) -> None:
     if (out / STATE_DIR / STATE_FILE).exists():
         raise H2QError(f"{out} already holds an evolve run; continue it with --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    checkpoint.atomic_write_json(out / "config.json", config)
+    (out / METRICS).unlink(missing_ok=True)
+    checkpoint.atomic_write_json(out / CONFIG, config)
 
 
 def check_resumable(out: Path, config: dict, may_change: set[str]) -> None:
     """The saved run's settings must equal `config` except the keys in `may_change`."""
-    if not (out / STATE_DIR / STATE_FILE).exists() or not (out / "config.json").exists():
+    if not (out / STATE_DIR / STATE_FILE).exists() or not (out / CONFIG).exists():
         raise H2QError(f"--resume: no evolve state in {out}; start without --resume")
     try:
-        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
     except ValueError as e:
-        raise H2QError(f"--resume: {out / 'config.json'} is unreadable ({e}); start a new run") from None
+        raise H2QError(f"--resume: {out / CONFIG} is unreadable ({e}); start a new run") from None
     changed = sorted(k for k in config if k not in may_change and saved.get(k) != config[k])
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {config[k]!r}" for k in changed[:4])
@@ -68,8 +91,8 @@ def save_cycle(out: Path, cycle: int, population: Population, model, keep_cycles
     """cycle_NNN/agent_MM/ adapters (each at its agent's rank) and population.json, as evaluated."""
     folder = cycle_dir(out, cycle)
     for slot in range(population.n):
-        population.adapter(slot).save(folder / f"agent_{slot:02d}", model)
-    checkpoint.atomic_write_json(out / "population.json", population.to_json(cycle))
+        population.adapter(slot).save(agent_dir(folder, slot), model)
+    checkpoint.atomic_write_json(out / POPULATION, population.to_json(cycle))
     if keep_cycles:
         for old in range(1, cycle - keep_cycles + 1):
             shutil.rmtree(cycle_dir(out, old), ignore_errors=True)
@@ -97,7 +120,7 @@ def metrics_record(cycle: int, ev: Evaluation, life: dict[str, np.ndarray], prev
 
 
 def append_metrics(out: Path, record: dict) -> None:
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+    with open(out / METRICS, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
 
 
@@ -141,10 +164,121 @@ def read_state(out: Path, rank: int, world_size: int):
 
 def drop_after(out: Path, cycle: int) -> None:
     """Forget what an interrupted cycle after `cycle` left: its metrics records and adapter folders."""
-    metrics = out / "metrics.jsonl"
-    kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["cycle"] <= cycle] if metrics.exists() else []
+    metrics = out / METRICS
+    kept = [line for line, record in _jsonl(metrics) if record["cycle"] <= cycle] if metrics.exists() else []
     checkpoint.atomic_write_text(metrics, "".join(line + "\n" for line in kept))
-    for folder in out.glob("cycle_*"):
-        if folder.name[6:].isdigit() and int(folder.name[6:]) > cycle:
+    for number, folder in cycle_dirs(out).items():
+        if number > cycle:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- reading a run: the committed cycles only ----------------------------------------------------------
+def is_run(folder: Path) -> bool:
+    """Whether `folder` holds files that only an evolve run writes."""
+    return (any((folder / name).is_file() for name in (POPULATION, STATS, f"{STATE_DIR}/{STATE_FILE}"))
+            or bool(cycle_dirs(folder)))
+
+
+def committed(out: Path) -> tuple[int, list[dict]]:
+    """(the newest committed cycle, the per-cycle bests up to it) from the main state; (0, []) before
+    the first commit."""
+    path = out / STATE_DIR / STATE_FILE
+    if not path.is_file():
+        return 0, []
+    _, meta = checkpoint.read_tensors(path, "evolve state")
+    try:
+        return int(meta["cycle"]), json.loads(meta.get("history", "[]"))
+    except (KeyError, ValueError) as e:
+        raise H2QError(f"{path} is not an evolve state (metadata: {e}); restore it or start a new run") from None
+
+
+def committed_cycles(out: Path) -> dict[int, Path]:
+    """The cycle folders of committed cycles (--keep-cycles may have removed older ones)."""
+    last, _ = committed(out)
+    return {number: folder for number, folder in cycle_dirs(out).items() if number <= last}
+
+
+def newest_run(root: Path = RUN_ROOT) -> Path | None:
+    """The run under `root` that committed a cycle last, or None."""
+    states = [d / STATE_DIR / STATE_FILE for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
+    states = [s for s in states if s.is_file()]
+    return max(states, key=lambda s: s.stat().st_mtime).parent.parent if states else None
+
+
+def newest_cycle(out: Path) -> Path:
+    """The folder of the newest committed cycle."""
+    cycles = committed_cycles(out)
+    if not cycles:
+        raise H2QError(f"evolve run {out} has no committed cycle_NNN folder yet; let `python evolve.py` "
+                        f"finish a cycle")
+    return cycles[max(cycles)]
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise H2QError(f"{path} is unreadable ({e}); restore it or re-run") from None
+
+
+def read_population(out: Path) -> dict:
+    """population.json (living agents, every agent ever) while it describes the newest committed
+    cycle; {} when it is missing or already describes a cycle still being written."""
+    path = out / POPULATION
+    if not path.is_file():
+        return {}
+    population = read_json(path)
+    last, _ = committed(out)
+    return population if isinstance(population, dict) and population.get("cycle") == last else {}
+
+
+def population(out: Path) -> list[dict]:
+    """The living agents of the newest committed cycle; [] when population.json has none to give."""
+    try:
+        return read_population(out).get("agents", [])
+    except H2QError:
+        return []
+
+
+def _jsonl(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of a JSON-lines log. A last line without its newline is a record still being
+    appended (by a live or killed run) and is left out; any other broken line is a H2QError."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue
+            raise H2QError(f"{path} line {number} is not JSON; repair or delete that line") from None
+        if not isinstance(record, dict):
+            raise H2QError(f"{path} line {number} is not a JSON object; repair or delete that line")
+        records.append((line, record))
+    return records
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines log (an evolve run's metrics.jsonl, or a training run's)."""
+    return [record for _, record in _jsonl(path)]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The metrics records of the committed cycles, in cycle order."""
+    path, (last, _) = out / METRICS, committed(out)
+    found = read_jsonl(path) if path.is_file() else []
+    return sorted((r for r in found if isinstance(r.get("cycle"), (int, float)) and r["cycle"] <= last),
+                  key=lambda r: r["cycle"])
+
+
+def read_stats(out: Path) -> dict:
+    """evolution_stats.json's figures over the committed cycles (from the main state's history)."""
+    last, history = committed(out)
+    return evolution_stats(history) if last else {}
+
+
+def read_config(out: Path) -> dict:
+    """The run's settings (config.json), {} when missing."""
+    return read_json(out / CONFIG) if (out / CONFIG).is_file() else {}

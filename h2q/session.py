@@ -1,0 +1,309 @@
+"""The model in use and a conversation with it over a persistent KV cache: what infer.py's one-shot
+mode and h2q/chat.py's REPL and demo share.
+
+* `Session`: the checkpoint's float weights, loaded once and kept; the variant in use (the float model,
+  or an int8/int4 copy quantized from the kept weights by h2q/quant.py, made once per mode, so `/quant`
+  never re-reads the disk); the LoRA adapter on top (h2q/lora.py, applied unmerged, so it also runs
+  over a quantized base as in QLoRA). An adapter is a folder, or an agent of an evolve run named by id
+  (`a0013`) or slot number, taken from the run's newest committed cycle (h2q/evolve/records.py reads
+  the run folder) of `--run` or of the newest run under checkpoints/evolve/.
+* `Conversation`: a byte-level base model continues text, it was never taught to chat, so a
+  conversation is one running document: EOT (a document starts), then per turn the user's line and a
+  newline, then the model's continuation up to a blank line (or /max bytes, or EOT). `reply` prefills
+  only the new bytes into the cache it keeps and runs h2q.generate's decode loop over it, so earlier
+  turns are never recomputed. When a slot cache (full/int8/int4) has no room for the next turn plus a
+  reply, the oldest turns are dropped and the rest is re-read, said once; the evicting policies
+  (window, h2o) stream on. New weights (/quant, /adapter), a new policy or a Ctrl-C in mid-forward
+  make the next reply rebuild the cache from the text.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from h2q.checkpoint import load_model
+from h2q.cli import resolve_device
+from h2q.config import check_options, option
+from h2q.errors import H2QError
+from h2q.evolve import records
+from h2q.generate import check_sampling, compiled_decoder, decode
+from h2q.kvcache import make_cache, policies, prefill
+from h2q.lora import count_bytes, load_adapter
+from h2q.quant import describe, model_bytes, quant_scheme, quantize
+from h2q.tokenizer import EOT, encode
+
+QUANT_MODES = ("none", "int8", "int4")
+NEWLINE = 10
+STOP = [NEWLINE, NEWLINE]  # a blank line ends a reply
+
+
+@dataclass
+class InferConfig:
+    ckpt: str = option("checkpoints/base", "model checkpoint folder (or model.safetensors file)")
+    prompt: str | None = option(None, "one-shot: continue TEXT ('-' reads stdin); stdout gets only the new text")
+    interactive: bool = option(False, "open the chat REPL")
+    mode: str = option("auto", "auto: one-shot with --prompt, else the REPL; demo: a scripted tour",
+                      choices=["auto", "chat", "demo"])
+    adapter: str = option("none", "LoRA adapter: a folder, an agent id (a0013) or slot number of an evolve run, "
+                                  "or none")
+    run: str | None = option(None, "evolve run folder for agent ids; none = the newest under checkpoints/evolve")
+    quant: str = option("none", "weight quantization applied after loading", choices=list(QUANT_MODES))
+    group_size: int = option(64, "int4 group size", choices=[32, 64, 128])
+    kv: str = option("full", "KV-cache policy", choices=list(policies()))
+    max_new_tokens: int = option(200, "bytes to generate at most (per reply in the REPL)", at_least=1)
+    temperature: float = option(0.8, "sampling temperature (0 = greedy)", at_least=0, at_most=100)
+    top_k: int = option(0, "keep the k most likely bytes (0 = off)", at_least=0)
+    top_p: float = option(0.95, "nucleus sampling mass (1 = off)", above=0, at_most=1)
+    seed: int | None = option(None, "random seed, the same seed gives the same text; none = a fresh one each run",
+                             at_least=0, below=2**63)
+    compile: bool = option(False, "torch.compile the decode steps of float weights: a one-time compile per KV "
+                                 "policy and adapter shape, then faster decoding (scripts/bench_kv.py measures it)")
+    device: str = option("auto", "auto, cpu or cuda")
+
+    def __post_init__(self):
+        check_options(self)
+
+    def sampling(self) -> dict:
+        """Keyword arguments for h2q.generate (after checking them)."""
+        check_options(self)
+        top_k, top_p = self.top_k or None, (self.top_p if self.top_p < 1 else None)
+        check_sampling(self.temperature, top_k, top_p)
+        return dict(temperature=self.temperature, top_k=top_k, top_p=top_p)
+
+
+# -- adapters by folder or by agent --------------------------------------------------------------------
+def resolve_adapter(spec: str, run: str | None = None) -> tuple[Path, str] | None:
+    """'none' -> None; a folder -> (folder, its name); an agent id or slot -> (its adapter folder in the
+    newest committed cycle, 'a0013 (slot 5, cycle_012 of RUN)')."""
+    spec = spec.strip()
+    if spec.lower() in ("", "none"):
+        return None
+    if Path(spec).is_dir():
+        return Path(spec), spec
+    run_dir = Path(run) if run else records.newest_run()
+    if run_dir is None or not run_dir.is_dir():
+        where = run or f"{records.RUN_ROOT}/"
+        raise H2QError(f"{spec!r} is not an adapter folder, and there is no evolve run in {where} to find an "
+                        f"agent in; give a folder, or run `python evolve.py` first")
+    cycle = records.newest_cycle(run_dir)
+    agents = records.population(run_dir)
+    if spec.isdigit():
+        slot = int(spec)
+        agent_id = next((a.get("id") for a in agents if a.get("slot") == slot), None)
+    else:
+        agent_id = spec.lower()
+        slot = next((a.get("slot") for a in agents if str(a.get("id", "")).lower() == agent_id), None)
+        if slot is None:
+            alive = ", ".join(sorted(str(a.get("id")) for a in agents)[:20]) or "none listed"
+            raise H2QError(f"{spec!r} is neither an adapter folder nor a living agent of {run_dir} "
+                            f"(agents: {alive}); use an id, a slot number or a folder")
+    folder = records.agent_dir(cycle, int(slot))
+    if not folder.is_dir():
+        raise H2QError(f"no adapter for slot {slot} in {cycle}; slots there: "
+                        f"{', '.join(f'{s:02d}' for s in records.agent_dirs(cycle))}")
+    return folder, f"{agent_id or 'agent'} (slot {slot}, {cycle.name} of {run_dir})"
+
+
+# -- the model in use ----------------------------------------------------------------------------------
+class Session:
+    """Float weights loaded once; the variant in use (`model`), derived from them; the adapter."""
+
+    def __init__(self, cfg: InferConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.float_model, self.metadata = load_model(cfg.ckpt, self.device)
+        self.model = self.float_model
+        self.quantized = {}  # (mode, group size) -> a copy quantized from the float weights, made once
+        self.adapter, self.adapter_label = None, "none"
+        self.set_quant(cfg.quant)
+        self.set_adapter(cfg.adapter)
+
+    @property
+    def config(self):
+        return self.float_model.config
+
+    @property
+    def compiled(self) -> bool:
+        """--compile covers float weights only: with int8/int4 layers torch.compile produced wrong
+        bytes (their CPU kernels and packed layouts do not trace), so those decode eagerly."""
+        return self.cfg.compile and quant_scheme(self.model) is None
+
+    @property
+    def decoder(self):
+        """What decode steps call: the model in use, compiled when `compiled`."""
+        return compiled_decoder(self.model) if self.compiled else self.model
+
+    def set_quant(self, mode: str) -> None:
+        if mode not in QUANT_MODES:
+            raise H2QError(f"quantization {mode!r} is not one of {', '.join(QUANT_MODES)}")
+        if quant_scheme(self.float_model) is not None:
+            if mode != "none":
+                raise H2QError(f"{self.cfg.ckpt} is already quantized ({describe(self.float_model)}); "
+                                f"load the float checkpoint to choose another quantization")
+            return
+        key = (mode, self.cfg.group_size if mode == "int4" else None)
+        if mode == "none":
+            self.model = self.float_model
+        elif key in self.quantized:
+            self.model = self.quantized[key]
+        else:
+            self.model = self.quantized[key] = quantize(copy.deepcopy(self.float_model), mode, self.cfg.group_size)
+        self.cfg.quant = mode
+
+    def set_adapter(self, spec: str) -> None:
+        found = resolve_adapter(spec, self.cfg.run)
+        if found is None:
+            self.adapter, self.adapter_label = None, "none"
+        else:  # fitted against the float base: a quantized copy keeps its fingerprint
+            self.adapter = load_adapter(found[0], self.float_model, self.device).eval()
+            self.adapter_label = found[1]
+
+    def weights_label(self) -> str:
+        compiled = ", decode compiled" if self.compiled else ", eager (--compile: float only)" * self.cfg.compile
+        return f"{describe(self.model)}, {model_bytes(self.model) / 1e6:.2f} MB{compiled}"
+
+    def adapter_text(self) -> str:
+        if self.adapter is None:
+            return "none"
+        return f"{self.adapter_label}, rank {self.adapter.config.r}, {count_bytes(self.adapter) / 1e6:.3f} MB"
+
+
+# -- the conversation ---------------------------------------------------------------------------------
+@dataclass
+class Reply:
+    ids: list[int]  # the bytes the model wrote (EOT excluded)
+    prefill_tokens: int
+    prefill_s: float
+    decode_s: float
+    ended: str  # blank line | max | end of text | context full | stopped
+
+    @property
+    def bytes_per_s(self) -> float:
+        return len(self.ids) / max(self.decode_s, 1e-9)
+
+
+class Conversation:
+    """The running document, the cache holding it, and the sampling state."""
+
+    def __init__(self, session: Session, policy: str = "full", max_len: int | None = None):
+        self.session, self.max_len = session, max_len or session.config.context_len
+        self.set_policy(policy)
+        seed = session.cfg.seed
+        self.set_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 1)
+        self.notices: set[str] = set()
+        self.last: Reply | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens = [EOT]  # the document so far
+        self.turns: list[int] = []  # where each user turn starts in `tokens`
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Forget the cache (new weights, new policy, or a forward cut short); the text stays."""
+        self.cache, self.cached = None, 0  # tokens[:cached] are in the cache
+
+    def set_policy(self, policy: str) -> None:
+        if policy not in policies():
+            raise H2QError(f"KV policy {policy!r} is not one of {', '.join(policies())}")
+        self.policy, self.evicts = policy, policies()[policy].evicts
+        self.invalidate()
+
+    def set_seed(self, seed: int) -> None:
+        self.seed = seed
+        self.generator = torch.Generator(self.session.device).manual_seed(seed)
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes if self.cache is not None else 0
+
+    def _notice(self, key: str, text: str, say) -> None:
+        if key not in self.notices:
+            self.notices.add(key)
+            say(text)
+
+    def _frame(self, text: bytes) -> list[int]:
+        """The user's line as ids, after a blank line if the previous reply did not end with one."""
+        if self.tokens[-1] == EOT or self.tokens[-2:] == STOP:
+            sep = []
+        else:
+            sep = [NEWLINE] if self.tokens[-1] == NEWLINE else STOP
+        return sep + encode(text) + [NEWLINE]
+
+    def _fit(self, turn: list[int], say) -> list[int]:
+        """Slot caches: make room for `turn` and a reply by dropping the oldest turns, or, when the
+        newest turn alone is too long, by keeping only the newest bytes of the text (and of `turn`).
+        The cache is then rebuilt from the text at this reply."""
+        reserve = min(self.session.cfg.max_new_tokens, self.max_len // 2)
+        turn = turn[-(self.max_len - reserve - 1):]
+        room = self.max_len - reserve - len(turn)  # tokens of the text that may stay
+        if len(self.tokens) <= room:
+            return turn
+        start = next((s for s in self.turns if 1 + len(self.tokens) - s <= room), None)
+        if start is not None:  # whole turns, after a fresh document start
+            self.tokens, self.turns = [EOT] + self.tokens[start:], [s - start + 1 for s in self.turns if s >= start]
+        else:  # the middle of a long text goes on from its newest bytes
+            cut = len(self.tokens) - room
+            self.tokens, self.turns = self.tokens[cut:], [s - cut for s in self.turns if s >= cut]
+        self.invalidate()
+        self._notice("trim", f"[the conversation outgrew the {self.max_len}-byte context: the oldest text is "
+                     f"dropped and the rest re-read (said once; /kv window streams on instead)]", say)
+        return turn
+
+    def reply(self, text: bytes | None, on_token, say=print) -> Reply:
+        """Add the user's line (None: let the model go on where it stopped) and generate the answer,
+        streaming each byte to on_token. Ctrl-C ends it early (ended='stopped')."""
+        cfg, session = self.session.cfg, self.session
+        sampling = cfg.sampling()
+        turn = [] if text is None else self._frame(text)
+        if not self.evicts:
+            turn = self._fit(turn, say)
+        elif len(self.tokens) + len(turn) > self.max_len:
+            self._notice("stream", f"[past the {self.max_len}-byte cache: {self.policy} keeps streaming and "
+                         f"forgets the oldest bytes]", say)
+        if text is not None:  # the turn starts after its separator
+            self.turns.append(len(self.tokens) + max(0, len(turn) - len(text) - 1))
+        self.tokens += turn
+        new, ended, prefill_s, start = [], "stopped", 0.0, time.perf_counter()
+        pending = []
+        try:
+            with torch.inference_mode():
+                if self.cache is None:
+                    weight = session.float_model.embed.weight
+                    self.cache = make_cache(self.policy, session.config, 1, self.max_len, session.device, weight.dtype)
+                    self.cached = max(0, len(self.tokens) - self.max_len) if self.evicts else 0
+                pending = self.tokens[self.cached:]
+                logits = prefill(session.model, self.cache, [pending], session.adapter)  # (1, V)
+                self.cached = len(self.tokens)
+                prefill_s = time.perf_counter() - start
+                start = time.perf_counter()
+                ended = self._decode(logits, new, on_token, sampling)
+        except KeyboardInterrupt:
+            self.invalidate()  # a forward may have stopped halfway through the layers
+        self.last = Reply(new, len(pending), prefill_s, time.perf_counter() - start, ended)
+        return self.last
+
+    def _decode(self, logits, new: list[int], on_token, sampling: dict) -> str:
+        """Sample until the reply ends; each byte joins the text, and the cache when the loop asks
+        for the next one (so a reply's last byte waits in the text for the next prefill)."""
+        session, max_new = self.session, self.session.cfg.max_new_tokens
+        for tokens in decode(session.decoder, self.cache, logits, adapters=session.adapter,
+                             generator=self.generator, **sampling):
+            token = int(tokens)
+            self.tokens.append(token)
+            if token == EOT:
+                return "end of text"
+            new.append(token)
+            on_token(token)
+            if new[-2:] == STOP:
+                return "blank line"
+            if len(new) >= max_new:
+                return "max"
+            if not self.evicts and self.cached >= self.max_len:
+                return "context full"
+            self.cached += 1  # resuming the loop feeds `token` through the cache
