@@ -14,10 +14,9 @@ import dataclasses
 import sys
 import typing
 
-import torch
-
 from h2q.config import option_default, range_text
 from h2q.errors import ConfigError, H2QError
+from h2q.perf import resolve_device  # noqa: F401  (the entry points take it from here)
 
 
 def flag_name(field_name: str) -> str:
@@ -69,17 +68,6 @@ def dataclass_from_args(cls, args: argparse.Namespace):
     """Build `cls` from the parsed flags that belong to it."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names})
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; an unavailable explicit choice is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ConfigError("device", f"{name!r} is not one of auto, cpu, cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device", "cuda was asked for but torch sees no CUDA device; use cpu")
-    return torch.device(name)
 
 
 def error_line(e: H2QError) -> str:

@@ -1,5 +1,6 @@
-"""Measured hardware figures the benchmarks compare against: the matmul peak of this device, and how
-long a model's weight matmuls alone take at a given number of rows.
+"""The hardware a run uses: the device (`resolve_device`), torch's CPU thread count (`ThreadPolicy`), and
+the measured figures the benchmarks compare against: the matmul peak of this device, and how long a
+model's weight matmuls alone take at a given number of rows.
 
 MFU (PaLM, Chowdhery et al. 2022) divides a model's FLOPs per second by the hardware's peak; here the
 peak is measured, not taken from a data sheet, so a figure means "of what this machine really does".
@@ -24,6 +25,19 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from h2q.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; an unavailable explicit choice is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError("device", f"{name!r} is not one of auto, cpu, cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda was asked for but torch sees no CUDA device; use cpu")
+    return torch.device(name)
 
 
 def median_seconds(work, device, repeats: int, warmup_s: float) -> float:

@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 
 from h2q.checkpoint import load_model
-from h2q.cli import resolve_device
 from h2q.config import check_options, option
 from h2q.errors import H2QError
 from h2q.evolve import records
 from h2q.generate import check_sampling, compiled_decoder, decode
 from h2q.kvcache import make_cache, policies, prefill
 from h2q.lora import count_bytes, load_adapter
+from h2q.perf import resolve_device
 from h2q.quant import describe, model_bytes, quant_scheme, quantize
 from h2q.tokenizer import EOT, encode
 

@@ -97,7 +97,7 @@ class TextEnv:
         """Bits per byte of every slot of `bank` (or of the base alone, n = 1) on the held-out windows."""
         nats = torch.zeros(n, dtype=torch.float64)
         count = 0
-        starts = np.linspace(0, len(self.corpus.val) - self.block - 1, self.eval_count).round().astype(np.int64)
+        starts = data.eval_window_starts(len(self.corpus.val), self.block, self.eval_count)
         for i in range(0, self.eval_count, EVAL_CHUNK):
             x, y = data.windows_to_batch(self.corpus.val, starts[i:i + EVAL_CHUNK], self.block, self.device)  # (w, T)
             w = x.shape[0]
