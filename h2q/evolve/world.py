@@ -95,6 +95,11 @@ OBS_LEN = 16  # the hinted level's width; obs_len(cfg) is any level's
 LEVELS = ("hinted", "view")
 LEVEL_FOOD = {"hinted": 32, "view": 16}  # default n_food per level (the module docstring says why)
 UNREACHED = 1 << 30  # walking distance of a cell no source reaches
+_ALL = slice(None)
+NEIGHBOURS = (((slice(1, None), _ALL), (slice(None, -1), _ALL)),  # [y, x] slices: a cell, its N neighbour
+              ((slice(None, -1), _ALL), (slice(1, None), _ALL)),  # ... its S neighbour
+              ((_ALL, slice(None, -1)), (_ALL, slice(1, None))),  # ... its E neighbour
+              ((_ALL, slice(1, None)), (_ALL, slice(None, -1))))  # ... its W neighbour
 # byte columns of the hinted observation
 COL_ENERGY, COL_CARRY, COL_WALLS, COL_HOME, COL_FOOD, COL_TARGET = 1, 3, 4, 9, 12, 15
 VIEW_WINDOW = 3  # view level: the window's first byte, after the energy
@@ -226,27 +231,25 @@ class World:
 
     # ---- shortest paths ---------------------------------------------------------------------------
     def _distance_field(self, sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Multi-source breadth-first search around walls, as repeated relaxation over the whole grid:
-        -> (steps to the nearest source, UNREACHED where none; flat index of that source, -1 where
-        none), both indexed [y, x]. Ties go to the source reached first from N, S, E, W."""
+        """Multi-source breadth-first search around walls, one whole-grid layer per step: -> (steps
+        to the nearest source, UNREACHED where none; flat index of that source, -1 where none), both
+        indexed [y, x]. A cell reached from several neighbours of the last layer takes the source of
+        the first of them in N, S, E, W order."""
         s = self.cfg.size
         dist = np.where(sources, 0, UNREACHED)
         src = np.where(sources, np.arange(s * s).reshape(s, s), -1)
         open_ = ~self.walls
+        layer, d = sources, 0
         while True:
-            near_d = np.full((4, s, s), UNREACHED)  # (4, s, s): each cell's N, S, E, W neighbour
-            near_s = np.full((4, s, s), -1)
-            near_d[0, 1:], near_s[0, 1:] = dist[:-1], src[:-1]
-            near_d[1, :-1], near_s[1, :-1] = dist[1:], src[1:]
-            near_d[2, :, :-1], near_s[2, :, :-1] = dist[:, 1:], src[:, 1:]
-            near_d[3, :, 1:], near_s[3, :, 1:] = dist[:, :-1], src[:, :-1]
-            k = near_d.argmin(axis=0)[None]  # (1, s, s)
-            best = np.take_along_axis(near_d, k, axis=0)[0] + 1
-            better = open_ & (best < dist)
-            if not better.any():
+            d += 1
+            near = np.full((s, s), -1)  # per cell, the source of a neighbour in the last layer
+            for here, there in reversed(NEIGHBOURS):  # later writes win: N has the last word
+                near[here] = np.where(layer[there], src[there], near[here])
+            layer = (near >= 0) & open_ & (dist == UNREACHED)
+            if not layer.any():
                 return dist, src
-            dist = np.where(better, best, dist)
-            src = np.where(better, np.take_along_axis(near_s, k, axis=0)[0], src)
+            dist[layer] = d
+            src[layer] = near[layer]
 
     def targets(self, anywhere: bool = False) -> dict[str, np.ndarray]:
         """Each agent's target (home when carrying, else the nearest food by walking distance if it
