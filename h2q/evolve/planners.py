@@ -31,7 +31,7 @@ import numpy as np
 from h2q.errors import H2QError
 from h2q.evolve.env import run_episode
 from h2q.evolve.world import (ACTIONS, COL_CARRY, COL_ENERGY, COL_TARGET, COL_WALLS, DROP, EAT, MOVES,
-                              N_ACTIONS, PICK, UNREACHED, VIEW_WINDOW, WorldConfig, WorldEnv)
+                              N_ACTIONS, NEIGHBOURS, PICK, UNREACHED, VIEW_WINDOW, WorldConfig, WorldEnv)
 
 LETTER_TO_MOVE = np.full(256, -1, dtype=np.int64)  # compass/path letter byte -> move index (N S E W)
 LETTER_TO_MOVE[list(ACTIONS[:4])] = np.arange(4)
@@ -81,31 +81,29 @@ class OraclePolicy:
 
 def window_paths(window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Breadth-first search from the centre of each (side, side) window over the cells that are
-    neither wall `#` nor off the map `~`, as repeated relaxation: (n, side, side) windows ->
-    (steps from the centre, UNREACHED where none; first move 0..3 of a shortest walk, -1 at the
-    centre and where unreached). Ties go to the first move in N, S, E, W order."""
-    side = window.shape[-1]
-    r = side // 2
+    neither wall `#` nor off the map `~`, one layer per step: (n, side, side) windows -> (steps from
+    the centre, UNREACHED where none; first move 0..3 of a shortest walk, -1 at the centre and where
+    unreached). A cell reached from several cells of the last layer takes the first move of the
+    first of them in N, S, E, W order (as World's search does)."""
+    r = window.shape[-1] // 2
     open_ = (window != ord("#")) & (window != ord("~"))
     dist = np.full(window.shape, UNREACHED, dtype=np.int64)
-    dist[:, r, r] = 0
     first = np.full(window.shape, -1, dtype=np.int64)
+    dist[:, r, r] = 0
+    layer, d = dist == 0, 0
     while True:
-        near_d = np.full((4,) + window.shape, UNREACHED, dtype=np.int64)  # (4, n, side, side): the cell a move d came from
-        near_f = np.full((4,) + window.shape, -1, dtype=np.int64)
-        near_d[0, :, :-1], near_f[0, :, :-1] = dist[:, 1:], first[:, 1:]  # moved N: came from the south
-        near_d[1, :, 1:], near_f[1, :, 1:] = dist[:, :-1], first[:, :-1]
-        near_d[2, :, :, 1:], near_f[2, :, :, 1:] = dist[:, :, :-1], first[:, :, :-1]
-        near_d[3, :, :, :-1], near_f[3, :, :, :-1] = dist[:, :, 1:], first[:, :, 1:]
-        # a neighbour without a first move is the centre itself: the first move is this one
-        near_f = np.where(near_f < 0, np.arange(4).reshape(4, 1, 1, 1), near_f)
-        d = near_d.argmin(axis=0)[None]  # (1, n, side, side)
-        best = np.take_along_axis(near_d, d, axis=0)[0] + 1
-        better = open_ & (best < dist)
-        if not better.any():
+        d += 1
+        near = np.full(window.shape, -1, dtype=np.int64)  # per cell, the first move of a neighbour in the last layer
+        for k in reversed(range(4)):  # later writes win: the N neighbour has the last word
+            here, there = ((...,) + part for part in NEIGHBOURS[k])
+            # the centre has no first move yet: the move into this cell is it (from the N neighbour: S)
+            move = np.where(first[there] >= 0, first[there], REVERSE[k])
+            near[here] = np.where(layer[there], move, near[here])
+        layer = (near >= 0) & open_ & (dist == UNREACHED)
+        if not layer.any():
             return dist, first
-        dist = np.where(better, best, dist)
-        first = np.where(better, np.take_along_axis(near_f, d, axis=0)[0], first)
+        dist[layer] = d
+        first[layer] = near[layer]
 
 
 class ViewPlanner:
