@@ -108,3 +108,15 @@ def test_a_plugin_slip_is_one_clear_error():
     with pytest.raises(H2QError, match="needs"):
         env.step(np.array([0.0, 1.0]))
     assert issubclass(LineEnv, ByteEnv) and issubclass(WorldEnv, ByteEnv)
+
+
+def test_alone_is_the_crowds_world_without_the_crowd():
+    crowd, solo = GRID.make_env(4), WorldEnv(GRID, 4, alone=2)
+    crowd.reset(3)
+    solo.reset(3)
+    assert solo.dones.tolist() == [True, True, False, True] and solo.agents == [2]
+    assert np.array_equal(crowd.world.walls, solo.world.walls) and np.array_equal(crowd.world.food, solo.world.food)
+    assert np.array_equal(crowd.world.pos[2], solo.world.pos[2])
+    stats = run_episode(solo, OraclePolicy(seed=0))
+    assert stats.ticks_alive.tolist()[:2] == [0, 0] and stats.delivered[[0, 1, 3]].sum() == 0
+    assert stats.delivered[2] > 0

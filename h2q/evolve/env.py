@@ -86,8 +86,8 @@ class ByteEnv:
         return ByteObservations(self.obs_len)
 
     def reset(self, seed: int | None = None) -> np.ndarray:
+        self.dones = np.zeros(self.num_agents, dtype=bool)  # `_reset` may mark agents absent from the start
         self.obs = self._check_obs(self._reset(seed))
-        self.dones = np.zeros(self.num_agents, dtype=bool)
         return self.obs
 
     def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:

@@ -17,9 +17,9 @@ do on Atari (Mnih et al. 2015) and the scripted bots do in Melting Pot (Leibo et
 
 A policy is `reset(n_agents)` then `act(obs, alive) -> (n,) action indices` (h2q/evolve/__init__.py).
 All four act for every agent at once with numpy. `same_view_planner(cfg)` names the level's oracle,
-and `score_baselines` runs the three baselines of a level on world seeds both alone (one agent in
-the world) and as a crowd of copies, so that food the crowd takes from each other can never be what
-lifts an agent above the oracle.
+and `score_baselines` runs the three baselines of a level on world seeds both alone (one agent left
+in the world) and as a crowd of copies, so that food the crowd takes from each other can never be
+what lifts an agent above the oracle.
 """
 from __future__ import annotations
 
@@ -213,26 +213,37 @@ def make_baseline(name: str, env: WorldEnv, seed: int = 0):
 @dataclass
 class BaselineScores:
     """Per baseline, per world seed (arrays (n_seeds,)): the mean food delivered per agent per step
-    and the mean fitness, with one agent in the world (`alone`) and with `crowd` copies."""
+    and the mean fitness, as `crowd` copies in the world (`crowd`) and alone in it (`alone`)."""
     seeds: list[int]
     crowd: int
     food_rate: dict[str, dict[str, np.ndarray]]  # baseline -> {"alone", "crowd"} -> (n_seeds,)
     fitness: dict[str, dict[str, np.ndarray]]
 
 
-def score_baselines(cfg: WorldConfig, seeds, crowd: int = 20, policy_seed: int = 0) -> BaselineScores:
+def score_baselines(cfg: WorldConfig, seeds, crowd: int = 20, alone: int = 4, policy_seed: int = 0) -> BaselineScores:
     """Run random, the same-view planner and the full-map planner on each world seed of `cfg`'s
-    level, alone and as `crowd` copies."""
+    level: once as `crowd` copies, and `alone` times alone, agent i = 0..alone-1 of the crowd's world
+    left on its own (`WorldEnv(alone=i)`: the same map, food and start); `alone` scores are the mean
+    of those lone agents."""
+    if not 1 <= alone <= crowd:
+        raise H2QError(f"alone must be 1..crowd ({crowd}) lone episodes per seed, got {alone}")
     seeds = list(seeds)
     food = {b: {"alone": [], "crowd": []} for b in BASELINES}
     fit = {b: {"alone": [], "crowd": []} for b in BASELINES}
     for seed in seeds:
-        for label, n in (("alone", 1), ("crowd", crowd)):
-            for name in BASELINES:
-                env = WorldEnv(cfg, n)
+        for name in BASELINES:
+            env = WorldEnv(cfg, crowd)
+            env.reset(seed)
+            stats = run_episode(env, make_baseline(name, env, policy_seed))
+            food[name]["crowd"].append(stats.food_rate.mean())
+            fit[name]["crowd"].append(stats.fitness.mean())
+            lone = []
+            for i in range(alone):
+                env = WorldEnv(cfg, crowd, alone=i)
                 env.reset(seed)
                 stats = run_episode(env, make_baseline(name, env, policy_seed))
-                food[name][label].append(stats.food_rate.mean())
-                fit[name][label].append(stats.fitness.mean())
+                lone.append((stats.food_rate[i], stats.fitness[i]))
+            food[name]["alone"].append(np.mean([f for f, _ in lone]))
+            fit[name]["alone"].append(np.mean([f for _, f in lone]))
     arrays = lambda d: {b: {k: np.array(v) for k, v in d[b].items()} for b in d}
     return BaselineScores(seeds, crowd, arrays(food), arrays(fit))

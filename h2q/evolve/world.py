@@ -419,12 +419,15 @@ class World:
 class WorldEnv(ByteEnv):
     """The grid World (either level) behind the env interface: `reset(seed)` builds `self.world`,
     `step` applies the rules and observes, the episode lasts `steps` ticks (default cfg.steps), and
-    info carries the per-agent counters (delivered, picked, eaten, died, ticks_alive)."""
+    info carries the per-agent counters (delivered, picked, eaten, died, ticks_alive). With `alone`
+    = i only agent i lives in the world of n agents (the others are absent, done from the start):
+    the same map, food and start as in the crowd, without the crowd."""
 
     action_bytes = ACTIONS
 
-    def __init__(self, cfg: WorldConfig, n_agents: int, steps: int | None = None):
-        self.cfg, self.possible_agents = cfg, list(range(n_agents))
+    def __init__(self, cfg: WorldConfig, n_agents: int, steps: int | None = None, alone: int | None = None):
+        assert alone is None or 0 <= alone < n_agents, f"agent {alone} is not one of {n_agents}"
+        self.cfg, self.possible_agents, self.alone = cfg, list(range(n_agents)), alone
         self.obs_len, self.max_steps = obs_len(cfg), steps or cfg.steps
 
     @classmethod
@@ -435,8 +438,12 @@ class WorldEnv(ByteEnv):
         return env
 
     def _reset(self, seed):
-        self.world = World(self.cfg, self.num_agents, seed)
-        return self.world.observe()
+        self.world = w = World(self.cfg, self.num_agents, seed)
+        if self.alone is not None:
+            absent = np.arange(w.n) != self.alone
+            w.alive[absent], w.energy[absent] = False, 0.0
+            self.dones = absent
+        return w.observe()
 
     def _step(self, actions):
         w = self.world
