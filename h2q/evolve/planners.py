@@ -136,19 +136,18 @@ class ViewPlanner:
         axes = np.where(letters[..., None] >= 0, MOVES[letters], 0)  # (n, 2, 2) as (dx, dy), main axis first
         toward = 2 * axes[:, 0] + axes[:, 1]  # (n, 2): the main axis counts double
         progress = ox * toward[:, 0, None, None] + oy * toward[:, 1, None, None]  # (n, side, side)
-        food = (window == ord("f")) & reached
-        home = (window == ord("h")) & reached
-        along = reached & (progress > 0)
-        # equally good cells: the one whose walk starts along the heading (no dithering), else random
-        tie = 0.5 * (first == self.heading[:, None, None]) + 0.1 * self.rng.random(window.shape)
-        wants_home = carrying[:, None, None]
+        homing = carrying[:, None, None]
+        home = homing & (window == ord("h")) & reached
         # on the way home, turning back is the last resort (no dithering in front of a wall)
         back = (first == REVERSE[self.heading][:, None, None]) & self.carried[:, None, None]
-        goal_key = np.where(wants_home & home, 1e6 - dist,
-                            np.where(wants_home & ~home.any(axis=(1, 2), keepdims=True) & along,
-                                     100 * progress - dist - 1000 * back,
-                                     np.where(~wants_home & food, 1e6 - dist, -np.inf)))
-        goal_key = (goal_key + tie).reshape(n, -1)
+        goal_key = np.full(window.shape, -np.inf)  # (n, side, side): the best cell is the goal
+        goal_key = np.where(~homing & (window == ord("f")) & reached, 1e6 - dist, goal_key)
+        along = homing & reached & (progress > 0) & ~home.any(axis=(1, 2), keepdims=True)
+        goal_key = np.where(along, 100 * progress - dist - 1000 * back, goal_key)
+        goal_key = np.where(home, 1e6 - dist, goal_key)
+        # equally good cells: the one whose walk starts along the heading (no dithering), else random
+        goal_key = goal_key + 0.5 * (first == self.heading[:, None, None]) + 0.1 * self.rng.random(window.shape)
+        goal_key = goal_key.reshape(n, -1)
         goal = goal_key.argmax(axis=1)  # (n,) flat window cell
         has_goal = np.isfinite(goal_key[rows, goal])
         step = first.reshape(n, -1)[rows, goal]
