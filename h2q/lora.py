@@ -365,39 +365,3 @@ def merge_product_space(adapters: list[LoraAdapter], weights=None, rank: int | N
             out.lora_B[j][:, :k] = (Qb @ U[:, :k] * root).to(out.lora_B[j].dtype)  # (out, k)
             out.lora_A[j][:k] = (root[:, None] * Vh[:k] @ Qa.T).to(out.lora_A[j].dtype)  # (k, in)
     return out
-
-
-# mutation noise scale for a tensor that is all zero and has no nonzero partner to borrow a scale from
-MUTATION_FLOOR = 1e-3
-
-
-def _rms(t: torch.Tensor) -> float:
-    return t.float().pow(2).mean().sqrt().item()
-
-
-def mutate(adapter: LoraAdapter, rate: float, generator: torch.Generator | None = None) -> LoraAdapter:
-    """Gaussian mutation per tensor: noise std = rate * RMS of that tensor. A B that is still zero
-    (a fresh adapter) borrows the RMS of its own A, so noise of the same relative size opens the
-    update; an all-zero A falls back to MUTATION_FLOOR."""
-    out = adapter.clone()
-    with torch.no_grad():
-        for A, B in zip(out.lora_A, out.lora_B):
-            a_scale = _rms(A) or MUTATION_FLOOR
-            b_scale = _rms(B) or a_scale
-            for t, scale in ((A, a_scale), (B, b_scale)):
-                t.add_(torch.randn(t.shape, generator=generator).to(t.device, t.dtype) * (rate * scale))
-    return out
-
-
-def crossover(a: LoraAdapter, b: LoraAdapter, generator: torch.Generator | None = None) -> LoraAdapter:
-    """Uniform crossover by layer: each layer's adapter tensors (all its targets, A and B together,
-    so every update B@A stays one parent's) come from `a` or `b` with probability 1/2."""
-    check_compatible([a, b])
-    from_b = (torch.rand(a.base_config.n_layer, generator=generator) < 0.5).tolist()
-    out = a.clone()
-    with torch.no_grad():
-        for key, j in out.slot.items():
-            if from_b[int(key.split(".")[1])]:
-                out.lora_A[j].copy_(b.lora_A[j])
-                out.lora_B[j].copy_(b.lora_B[j])
-    return out

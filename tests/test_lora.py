@@ -360,38 +360,6 @@ def test_product_space_merge_truncates_to_best_rank(model):
     assert torch.isclose(best, S[4], rtol=1e-4)  # Eckart-Young: spectral error = 5th singular value
 
 
-def test_mutation_scale_and_fresh_b(model):
-    parent = LoraAdapter(model, LoraConfig(r=8))  # fresh: B == 0
-    child = lora.mutate(parent, rate=0.1, generator=torch.Generator().manual_seed(0))
-    assert_fresh_storage(child, parent)
-    for j in range(len(parent.lora_A)):
-        a_rms = parent.lora_A[j].pow(2).mean().sqrt()
-        noise_a = (child.lora_A[j] - parent.lora_A[j]).std()
-        noise_b = child.lora_B[j].std()
-        assert 0.07 * a_rms < noise_a < 0.13 * a_rms  # rate * RMS of A
-        assert 0.07 * a_rms < noise_b < 0.13 * a_rms  # zero B borrows A's RMS
-    assert torch.count_nonzero(parent.lora_B[0]) == 0
-    again = lora.mutate(parent, rate=0.1, generator=torch.Generator().manual_seed(0))
-    assert all(torch.equal(p, q) for p, q in zip(child.parameters(), again.parameters()))
-
-
-def test_crossover_takes_whole_layers(model):
-    model = Transformer(ModelConfig(n_layer=6, n_head=2, d_model=32, context_len=64, mlp_hidden=96))
-    a, b = trained(model, seed=1), trained(model, seed=2)
-    parents = set()
-    for seed in range(4):
-        child = lora.crossover(a, b, generator=torch.Generator().manual_seed(seed))
-        assert_fresh_storage(child, a, b)
-        for layer in range(6):
-            keys = [k for k in child.slot if k.startswith(f"layers.{layer}.")]
-            sources = {"a" if torch.equal(child.lora_A[child.slot[k]], a.lora_A[a.slot[k]]) else "b" for k in keys}
-            assert len(sources) == 1
-            src = a if sources == {"a"} else b
-            assert all(torch.equal(child.lora_B[child.slot[k]], src.lora_B[src.slot[k]]) for k in keys)
-            parents |= sources
-    assert parents == {"a", "b"}  # 24 fair coin flips: both parents show up
-
-
 def test_over_h2q_int8_base(model, ids):
     from h2q import quant
     adapter = trained(model)
