@@ -208,6 +208,7 @@ def _int4_kernel_ok(out_features: int, in_features: int, group_size: int) -> boo
 
 @functools.lru_cache(maxsize=None)
 def _unit_scales(n: int) -> torch.Tensor:
+    """Ones for the int8 kernel's bf16 scales, one CPU tensor per width shared by every layer."""
     return torch.ones(n, dtype=torch.bfloat16)
 
 
@@ -242,6 +243,9 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
+        # the kernel's bf16 scales, all 1: a plain attribute (no bytes of the model's own), not made in
+        # forward, where torch.compile would trace a fresh tensor that its lowering of the kernel refuses
+        self.unit_scales = _unit_scales(out_features)
         self.set_kernel(True)
 
     @classmethod
@@ -263,7 +267,7 @@ class Int8Linear(nn.Module):
 
     def kernel_matmul(self, x2d):
         """(M, K) -> (M, N) by the bf16 kernel on unit scales; the fp32 scales are applied after."""
-        y = torch._weight_int8pack_mm(x2d.bfloat16(), self.qweight, _unit_scales(self.out_features))
+        y = torch._weight_int8pack_mm(x2d.bfloat16(), self.qweight, self.unit_scales)
         return (y * self.scales).to(x2d.dtype)  # bf16 * fp32 -> fp32
 
     def forward(self, x):
