@@ -4,8 +4,8 @@
 Writes OUT/model.safetensors with the packed weights and scales; its metadata is the float model's
 (config, tokenizer, fingerprint, ...) plus `quant`, the scheme. `h2q.checkpoint.load_model(OUT)` loads
 it like any checkpoint. With --gptq, calibration batches come from the training split of --data-dir
-(default: the default corpus). The work happens in h2q/quant.py (and h2q/gptq.py), the file in
-h2q/checkpoint.py.
+(default: the default corpus). The work happens in h2q/quant.py (and h2q/gptq.py); h2q/checkpoint.py
+writes the file.
 """
 from __future__ import annotations
 
