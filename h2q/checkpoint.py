@@ -1,50 +1,69 @@
-"""Atomic safetensors I/O for models and training state; never pickle.
+"""Every file format of the package, written atomically as safetensors (never pickle) or JSON.
 
 Every file is written to a temporary name in the same folder, flushed and fsynced, then moved over the
 old one with `os.replace`, so a kill at any moment leaves the previous file whole. A checkpoint folder:
 
-* `model.safetensors`: the weights, with metadata `format`, `config` (the ModelConfig as JSON) and
-  `tokenizer`, enough for `load_model` to rebuild the model alone;
+* `model.safetensors`: the weights, with metadata `format`, `config` (the ModelConfig as JSON),
+  `tokenizer` and `fingerprint`, enough for `load_model` to rebuild the model alone. A quantized
+  model (h2q/quant.py) is the same file with canonical integer buffers and `quant`, its scheme as
+  JSON, and the fingerprint of the float model it was made from (`save_quantized`);
 * `train_state.safetensors` (training runs only): model weights *and* optimizer state and RNG states
   in one file, with the step and data position in its metadata, so resume reads one consistent state.
 
-Anything wrong with a file the user points at raises `H2QError` with one line that says what to do.
+A LoRA adapter folder (h2q/lora.py), in PEFT's layout: `adapter_model.safetensors` (keys
+`layers.0.attn.q_proj.lora_A` / `.lora_B`) and `adapter_config.json` (r, lora_alpha, target_modules,
+lora_dropout, use_rslora, plus base_fingerprint and base_model_config, checked by `load_adapter`).
+
+This module imports the model and the compression modules to rebuild what it reads; they never import
+it. Anything wrong with a file the user points at raises `FileFormatError` with one line that says
+what to do.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from h2q import tokenizer
+from h2q import quant, tokenizer
 from h2q.config import ModelConfig
-from h2q.errors import H2QError
+from h2q.errors import FileFormatError, H2QError
+from h2q.lora import LoraAdapter, LoraConfig
 from h2q.model import Transformer
 
 FORMAT = "h2q-model-v1"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+ADAPTER_FORMAT = "h2q-lora-v1"
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+def _new_temp_file(path: Path) -> tuple[Path, int]:
+    """A new empty file beside `path` and its permission bits: 0666 less the process umask, as open()
+    makes files. The umask is thus applied by the OS, never read (reading it means setting it)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp, os.stat(tmp).st_mode & 0o777
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
 
 
 def atomic_write(path: str | Path, write) -> None:
     """Call `write(tmp_path)` and move the result to `path` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp, mode = _new_temp_file(path)
     try:
-        write(tmp)
+        write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, mode)  # writers may replace the file (safetensors makes it 0600)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -66,55 +85,54 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 
 def read_tensors(path: str | Path, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict]:
-    """Load a safetensors file; a missing, truncated or corrupt file is a H2QError."""
+    """Load a safetensors file; a missing, truncated or corrupt file is a FileFormatError."""
     path = Path(path)
     if not path.is_file():
-        raise H2QError(f"{what} not found: {path}")
+        raise FileFormatError(f"{what} not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         return load_file(str(path)), metadata
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise H2QError(f"{what} {path} is unreadable or corrupt ({e}); restore it or retrain") from None
+        raise FileFormatError(f"{what} {path} is unreadable or corrupt ({e}); restore it or retrain") from None
 
 
+# -- models ------------------------------------------------------------------------------------------
 def model_metadata(config: ModelConfig, **extra: str) -> dict[str, str]:
     return {"format": FORMAT, "config": json.dumps(config.to_dict()), "tokenizer": tokenizer.NAME, **extra}
 
 
 def config_from_metadata(metadata: dict, path) -> ModelConfig:
     if metadata.get("format") != FORMAT or "config" not in metadata:
-        raise H2QError(f"{path} is not an h2q model checkpoint (no '{FORMAT}' metadata)")
+        raise FileFormatError(f"{path} is not an h2q model checkpoint (no '{FORMAT}' metadata)")
     if metadata.get("tokenizer", tokenizer.NAME) != tokenizer.NAME:
-        raise H2QError(f"{path} uses tokenizer {metadata['tokenizer']!r}, this h2q reads {tokenizer.NAME!r}")
+        raise FileFormatError(f"{path} uses tokenizer {metadata['tokenizer']!r}, this h2q reads {tokenizer.NAME!r}")
     try:
         return ModelConfig.from_dict(json.loads(metadata["config"]))
     except (ValueError, TypeError) as e:
-        raise H2QError(f"{path} has an invalid model config: {e}") from None
-
-
-def model_state(model: Transformer) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items()}
-
-
-def fingerprint(model: Transformer) -> str:
-    """Identity of a base model: sha256 over its config and float weights, 16 hex digits. Adapters
-    record it; a quantized copy keeps the fingerprint of the float model it was made from."""
-    if getattr(model, "fingerprint", None):
-        return model.fingerprint
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+        raise FileFormatError(f"{path} has an invalid model config: {e}") from None
 
 
 def save_model(ckpt_dir: str | Path, model: Transformer, **extra_metadata: str) -> Path:
+    """Write ckpt_dir/model.safetensors for a float model and record its (fresh) fingerprint."""
+    assert model.quant_scheme is None, "a quantized model is written by save_quantized"
     path = Path(ckpt_dir) / MODEL_FILE
     model.fingerprint = None  # weights may have changed since the last save
-    model.fingerprint = fingerprint(model)
-    meta = model_metadata(model.config, fingerprint=model.fingerprint, **extra_metadata)
-    save_tensors(path, model_state(model), meta)
+    model.fingerprint = model.base_fingerprint()
+    save_tensors(path, model.state_dict(), model_metadata(model.config, fingerprint=model.fingerprint,
+                                                          **extra_metadata))
+    return path
+
+
+def save_quantized(out_dir: str | Path, model: Transformer, base_metadata: dict | None = None) -> Path:
+    """Write out_dir/model.safetensors for a model from h2q.quant.quantize (or h2q.gptq.quantize):
+    canonical quantized tensors; the float checkpoint's metadata (format, config, tokenizer,
+    fingerprint, ...) plus `quant`."""
+    assert model.quant_scheme is not None, "save_quantized needs a quantized model"
+    meta = {**(base_metadata or {}), **model_metadata(model.config, fingerprint=model.base_fingerprint()),
+            "quant": model.quant_scheme.to_json()}
+    path = Path(out_dir) / MODEL_FILE
+    save_tensors(path, model.state_dict(), meta)
     return path
 
 
@@ -125,18 +143,19 @@ def resolve_model_file(ckpt: str | Path) -> Path:
 
 
 def load_model(ckpt: str | Path, device="cpu") -> tuple[Transformer, dict]:
-    """Rebuild the model from a checkpoint folder (or model file) alone; returns (model, metadata)."""
+    """Rebuild the model from a checkpoint folder (or model file) alone, float or quantized, on
+    `device` (int4 weights come in the CPU kernel's layout there); returns (model, metadata)."""
     path = resolve_model_file(ckpt)
     if not path.exists():
-        raise H2QError(f"no model checkpoint at {path}; run `python train.py` first")
+        raise FileFormatError(f"no model checkpoint at {path}; run `python train.py` first")
     tensors, metadata = read_tensors(path, "model checkpoint")
     model = Transformer(config_from_metadata(metadata, path))
-    if "quant" in metadata:  # a quantized checkpoint: swap in empty quantized modules (lazy: quant imports us)
-        from h2q.quant import prepare_quantized
-        prepare_quantized(model, metadata["quant"], path)
+    if "quant" in metadata:  # empty quantized modules to load into
+        quant.prepare_quantized(model, quant.QuantScheme.from_json(metadata["quant"], path))
+    model.to(device)  # before loading: quantized modules take their layout for this device as they load
     load_weights(model, tensors, path)
     model.fingerprint = metadata.get("fingerprint")
-    return model.to(device).eval(), metadata
+    return model.eval(), metadata
 
 
 def load_weights(model: Transformer, tensors: dict[str, torch.Tensor], path) -> None:
@@ -144,8 +163,69 @@ def load_weights(model: Transformer, tensors: dict[str, torch.Tensor], path) -> 
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise H2QError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise FileFormatError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     for k, v in tensors.items():
         if v.shape != expected[k].shape:
-            raise H2QError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config needs {tuple(expected[k].shape)}")
+            raise FileFormatError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config needs "
+                                  f"{tuple(expected[k].shape)}")
     model.load_state_dict(tensors)
+
+
+# -- LoRA adapters -----------------------------------------------------------------------------------
+def save_adapter(out_dir: str | Path, adapter: LoraAdapter, base_model: Transformer) -> Path:
+    """Write adapter_model.safetensors and adapter_config.json into `out_dir` (atomically each),
+    recording `base_model`'s fingerprint and config."""
+    if adapter.merged:
+        raise ValueError("unmerge the adapter before saving it (the base weights hold it now)")
+    out_dir = Path(out_dir)
+    base_fp = base_model.base_fingerprint()
+    config = adapter.config
+    save_tensors(out_dir / ADAPTER_FILE, adapter.tensors(), {"format": ADAPTER_FORMAT, "base_fingerprint": base_fp})
+    atomic_write_json(out_dir / ADAPTER_CONFIG_FILE, {
+        "format": ADAPTER_FORMAT, "peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha,
+        "target_modules": list(config.target_names), "lora_dropout": config.dropout,
+        "use_rslora": config.rslora, "base_fingerprint": base_fp,
+        "base_model_config": adapter.base_config.to_dict()})
+    return out_dir
+
+
+def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
+                 check_fingerprint: bool = True) -> LoraAdapter:
+    """Read an adapter saved by `save_adapter` for `base_model` (put on `device`, default the
+    model's). A base of another shape always fails; another fingerprint fails unless
+    check_fingerprint=False (e.g. fine-tuning on a copy whose weights were changed on purpose)."""
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / ADAPTER_CONFIG_FILE
+    if not config_path.is_file():
+        raise FileFormatError(f"no LoRA adapter in {adapter_dir} (missing {ADAPTER_CONFIG_FILE}); "
+                              f"train one with --lora-rank")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+        config = LoraConfig(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta["lora_dropout"]),
+                            targets=",".join(meta["target_modules"]), rslora=bool(meta["use_rslora"]))
+        base_config = ModelConfig.from_dict(meta["base_model_config"])
+    except (ValueError, KeyError, TypeError, H2QError) as e:
+        raise FileFormatError(f"{config_path} is not a valid h2q adapter config ({e}); re-save the adapter") from None
+    if base_config != base_model.config:
+        diff = ", ".join(f"{k} {v} vs {getattr(base_model.config, k)}" for k, v in base_config.to_dict().items()
+                         if getattr(base_model.config, k) != v)
+        raise FileFormatError(f"adapter {adapter_dir} was made for another base shape ({diff}); "
+                              f"load it onto its own base")
+    if check_fingerprint and meta.get("base_fingerprint") != base_model.base_fingerprint():
+        raise FileFormatError(f"adapter {adapter_dir} was trained on base {meta.get('base_fingerprint')}, not this "
+                              f"base {base_model.base_fingerprint()}; use its own base (or check_fingerprint=False "
+                              f"on purpose)")
+    tensors, _ = read_tensors(adapter_dir / ADAPTER_FILE, "adapter weights")
+    adapter = LoraAdapter(base_model.config, config, init=False)
+    expected = adapter.tensors()
+    if tensors.keys() != expected.keys():
+        raise FileFormatError(f"{adapter_dir / ADAPTER_FILE} does not match its config "
+                              f"(missing {sorted(expected.keys() - tensors.keys())[:3]}, "
+                              f"unexpected {sorted(tensors.keys() - expected.keys())[:3]}); re-save the adapter")
+    with torch.no_grad():
+        for k, t in expected.items():
+            if tensors[k].shape != t.shape:
+                raise FileFormatError(f"{adapter_dir / ADAPTER_FILE}: {k} has shape {tuple(tensors[k].shape)}, "
+                                      f"its config needs {tuple(t.shape)}; re-save the adapter")
+            t.copy_(tensors[k])
+    return adapter.to(device if device is not None else base_model.embed.weight.device)

@@ -10,14 +10,15 @@ through the quantized blocks before them ("sequential"), as in the reference imp
 Grids come from h2q/quant.py: int8 takes its per-channel grid (with clip search) from the whole
 weight before the pass; int4 fits each group's grid (with clip search) when the pass reaches the
 group's first column, on the weights as compensated so far (GPTQ's group-wise variant). The result is
-ordinary Int8Linear / Int4Linear modules, the same format as without GPTQ.
+ordinary Int8Linear / Int4Linear modules, the same format as without GPTQ. `quantize` is the entry,
+the data-aware twin of h2q.quant.quantize (this module imports quant; quant never imports it).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from h2q.quant import INT4_GRID, INT8_GRID, Int4Linear, Int8Linear, QuantScheme, fit_rows, grid_codes, pack_int4
+from h2q.quant import INT4_GRID, INT8_GRID, Int4Linear, Int8Linear, QuantScheme, fit_rows, grid_codes, quantize_with
 
 DAMP = 0.01  # fraction of the mean Hessian diagonal added to it, for a stable Cholesky (as GPTQ)
 
@@ -51,16 +52,10 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme
 
 
 def quantized_module(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme) -> nn.Module:
-    N, K = weight.shape
     codes, scales, zeros = gptq_weight(weight, hessian, scheme)
     if scheme.mode == "int8":
-        layer = Int8Linear(K, N)
-        layer.qweight, layer.scales = codes.to(torch.int8), scales.squeeze(1)
-        return layer
-    layer = Int4Linear(K, N, scheme.group_size)
-    layer.qweight = pack_int4(codes.to(torch.uint8))
-    layer.scales, layer.zeros = scales.bfloat16(), zeros.bfloat16()
-    return layer
+        return Int8Linear.from_codes(codes.to(torch.int8), scales.squeeze(1))
+    return Int4Linear.from_codes(codes.to(torch.uint8), scales.bfloat16(), zeros.bfloat16(), scheme.group_size)
 
 
 def _hessians(block: nn.Module, run_block) -> dict[str, torch.Tensor]:
@@ -83,10 +78,17 @@ def _hessians(block: nn.Module, run_block) -> dict[str, torch.Tensor]:
     return hessians
 
 
+def quantize(model: nn.Module, calibration: list[torch.Tensor], mode: str = "int8", group_size: int = 64,
+             clip_search: bool = True, embedding: bool = False) -> nn.Module:
+    """h2q.quant.quantize with GPTQ error compensation, in place. calibration: token batches (B, T),
+    T <= context_len, of the kind of text the model will see."""
+    scheme = QuantScheme(mode, group_size, clip_search, embedding, gptq=True)
+    return quantize_with(model, scheme, lambda: gptq_linears(model, scheme, calibration))
+
+
 @torch.no_grad()
-def gptq_quantize(model: nn.Module, scheme: QuantScheme, calibration: list[torch.Tensor]) -> None:
-    """Swap every linear of `model` (an h2q Transformer, on CPU) for its GPTQ-quantized module.
-    calibration: token batches (B, T), T <= context_len."""
+def gptq_linears(model: nn.Module, scheme: QuantScheme, calibration: list[torch.Tensor]) -> None:
+    """Swap every linear of `model` (an h2q Transformer, on CPU) for its GPTQ-quantized module."""
     T = calibration[0].shape[1]
     cos_sin = model.rotary.cos_sin(torch.arange(T))
     hidden = [model.embed(ids) for ids in calibration]  # (B, T, C) each

@@ -1,5 +1,4 @@
-"""LoRA adapters of our own: one adapter, a stacked bank of many, their files, and the arithmetic that
-evolution breeds them with.
+"""LoRA adapters of our own: one adapter, a stacked bank of many, and the arithmetic on them.
 
 Low-rank adaptation (Hu et al. 2021, "LoRA"): a frozen linear W gets a trainable update
 `y = W x + s * B A x` with A (r, in), B (out, r) and s = alpha / r, or alpha / sqrt(r) with rsLoRA
@@ -15,13 +14,11 @@ through the adapter protocol `adapters(key, x, y) -> y + delta` (h2q/model.py), 
   is the `adapters` callable for a batch whose row b uses adapter index[b] (-1: base only), computed
   in one pass as gathers and batched matmuls, the idea of Punica / S-LoRA's BGMV kernel. One
   optimizer over the bank trains all N adapters in one backward; rows only reach their own adapter.
-* Files in PEFT's layout: `adapter_model.safetensors` (keys `layers.0.attn.q_proj.lora_A` / `.lora_B`)
-  and `adapter_config.json` (r, lora_alpha, target_modules, lora_dropout, use_rslora, plus
-  base_fingerprint and base_model_config, checked on load).
 * Arithmetic, every result a new adapter sharing no storage with its inputs: `linear_combination`,
   `average_factors`, `add`, `difference` (task vectors, Ilharco et al. 2023) act on A and B separately;
-  `merge_product_space` merges the actual updates s*B@A exactly and re-factorises to rank r;
-  `mutate` (Gaussian, relative to each tensor's RMS) and `crossover` (whole layers from either parent).
+  `merge_product_space` merges the actual updates s*B@A exactly and re-factorises to rank r. Evolution's
+  own operators (mutation, crossover) are in h2q/evolve/evolution.py; the adapter files (PEFT's
+  layout) are in h2q/checkpoint.py (`save_adapter`, `load_adapter`).
 
 Averaging factors is not averaging updates: mean(B) @ mean(A) adds cross terms B_i A_j, so two adapters
 trained apart average to something neither learned. Evolution therefore merges parents with
@@ -31,24 +28,18 @@ the fast approximation for close relatives (a child and its recent ancestors sha
 """
 from __future__ import annotations
 
-import json
 import math
 import weakref
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from h2q.checkpoint import atomic_write_json, fingerprint, read_tensors, save_tensors
 from h2q.config import ModelConfig, check_options, option
 from h2q.errors import ConfigError, H2QError
 from h2q.model import Transformer
 
-FORMAT = "h2q-lora-v1"
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
 # target name -> (block part, input width, output width) as ModelConfig field names
 LINEARS = {
     "q_proj": ("attn", "d_model", "d_model"), "k_proj": ("attn", "d_model", "d_model"),
@@ -56,8 +47,6 @@ LINEARS = {
     "gate_proj": ("mlp", "d_model", "mlp_hidden"), "up_proj": ("mlp", "d_model", "mlp_hidden"),
     "down_proj": ("mlp", "mlp_hidden", "d_model"),
 }
-# mutation noise scale for a tensor that is all zero and has no nonzero partner to borrow a scale from
-MUTATION_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -140,6 +129,8 @@ class LoraAdapter(_LoraFactors):
                  generator: torch.Generator | None = None, init: bool = True):
         super().__init__(base, config, (), generator, init)
         self._merged_into = None  # weakref to the model this adapter is folded into
+        self._unmerged_fingerprint = None  # that model's fingerprint before the merge
+        self._merged_versions: list[int] = []  # its weights' version counters right after the merge
 
     def forward(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         i = self.slot.get(key)
@@ -174,7 +165,8 @@ class LoraAdapter(_LoraFactors):
 
     def merge(self, model: Transformer) -> None:
         """Add s*B@A into `model`'s float weights; merging again is a no-op. While merged, calling the
-        adapter adds nothing (the weights hold it), and its tensors must not be changed."""
+        adapter adds nothing (the weights hold it), and its tensors must not be changed. The model is
+        another base now: its recorded fingerprint is cleared (computed from the merged weights)."""
         if self._merged_into is not None:
             if self._merged_into() is not model:
                 raise ValueError("adapter is merged into another model; unmerge it first")
@@ -184,15 +176,21 @@ class LoraAdapter(_LoraFactors):
             for key, w in weights.items():
                 w.add_(self.delta(key).to(w.device, w.dtype))
         self._merged_into = weakref.ref(model)
+        self._unmerged_fingerprint = model.fingerprint
+        model.fingerprint = None
+        self._merged_versions = _weight_versions(model)
 
     def unmerge(self) -> None:
         """Subtract the update again (equal to the original weights up to float rounding); a no-op
-        when not merged."""
+        when not merged. The model gets its fingerprint from before the merge back, unless something
+        else (another merge, an optimizer step) changed its weights in the meantime."""
         model = self._merged_into() if self._merged_into is not None else None
         if model is not None:
+            untouched = _weight_versions(model) == self._merged_versions
             with torch.no_grad():
                 for key, w in self._float_weights(model).items():
                     w.sub_(self.delta(key).to(w.device, w.dtype))
+            model.fingerprint = self._unmerged_fingerprint if untouched else None
         self._merged_into = None
 
     def _float_weights(self, model: Transformer) -> dict[str, torch.Tensor]:
@@ -207,59 +205,10 @@ class LoraAdapter(_LoraFactors):
             weights[key] = module.weight
         return weights
 
-    # -- files --------------------------------------------------------------------------------------
-    def save(self, out_dir: str | Path, base_model: Transformer) -> Path:
-        """Write adapter_model.safetensors and adapter_config.json into `out_dir` (atomically each)."""
-        if self.merged:
-            raise ValueError("unmerge the adapter before saving it (the base weights hold it now)")
-        out_dir = Path(out_dir)
-        base_fp = fingerprint(base_model)
-        save_tensors(out_dir / ADAPTER_FILE, self.tensors(), {"format": FORMAT, "base_fingerprint": base_fp})
-        atomic_write_json(out_dir / CONFIG_FILE, {
-            "format": FORMAT, "peft_type": "LORA", "r": self.config.r, "lora_alpha": self.config.alpha,
-            "target_modules": list(self.config.target_names), "lora_dropout": self.config.dropout,
-            "use_rslora": self.config.rslora, "base_fingerprint": base_fp,
-            "base_model_config": self.base_config.to_dict()})
-        return out_dir
 
-
-def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
-                 check_fingerprint: bool = True) -> LoraAdapter:
-    """Read an adapter saved by `LoraAdapter.save` for `base_model` (put on `device`, default the
-    model's). A base of another shape always fails; another fingerprint fails unless
-    check_fingerprint=False (e.g. fine-tuning on a copy whose weights were changed on purpose)."""
-    adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise H2QError(f"no LoRA adapter in {adapter_dir} (missing {CONFIG_FILE}); train one with --lora-rank")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-        config = LoraConfig(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta["lora_dropout"]),
-                            targets=",".join(meta["target_modules"]), rslora=bool(meta["use_rslora"]))
-        base_config = ModelConfig.from_dict(meta["base_model_config"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise H2QError(f"{config_path} is not a valid h2q adapter config ({e}); re-save the adapter") from None
-    if base_config != base_model.config:
-        diff = ", ".join(f"{k} {v} vs {getattr(base_model.config, k)}" for k, v in base_config.to_dict().items()
-                         if getattr(base_model.config, k) != v)
-        raise H2QError(f"adapter {adapter_dir} was made for another base shape ({diff}); load it onto its own base")
-    if check_fingerprint and meta.get("base_fingerprint") != fingerprint(base_model):
-        raise H2QError(f"adapter {adapter_dir} was trained on base {meta.get('base_fingerprint')}, not this base "
-                        f"{fingerprint(base_model)}; use its own base (or check_fingerprint=False on purpose)")
-    tensors, _ = read_tensors(adapter_dir / ADAPTER_FILE, "adapter weights")
-    adapter = LoraAdapter(base_model.config, config, init=False)
-    expected = adapter.tensors()
-    if tensors.keys() != expected.keys():
-        raise H2QError(f"{adapter_dir / ADAPTER_FILE} does not match its config "
-                        f"(missing {sorted(expected.keys() - tensors.keys())[:3]}, "
-                        f"unexpected {sorted(tensors.keys() - expected.keys())[:3]}); re-save the adapter")
-    with torch.no_grad():
-        for k, t in expected.items():
-            if tensors[k].shape != t.shape:
-                raise H2QError(f"{adapter_dir / ADAPTER_FILE}: {k} has shape {tuple(tensors[k].shape)}, "
-                                f"its config needs {tuple(t.shape)}; re-save the adapter")
-            t.copy_(tensors[k])
-    return adapter.to(device if device is not None else base_model.embed.weight.device)
+def _weight_versions(model: Transformer) -> list[int]:
+    """Every parameter's in-place version counter: equal lists mean no weight changed in between."""
+    return [p._version for p in model.parameters()]
 
 
 def freeze_base(model: Transformer) -> Transformer:
@@ -287,7 +236,7 @@ class AdapterBank(_LoraFactors):
 
     @classmethod
     def from_adapters(cls, adapters: list[LoraAdapter]) -> "AdapterBank":
-        _check_compatible(adapters)
+        check_compatible(adapters)
         bank = cls(adapters[0].base_config, adapters[0].config, len(adapters), init=False)
         bank = bank.to(adapters[0].lora_A[0].device)
         with torch.no_grad():
@@ -306,7 +255,7 @@ class AdapterBank(_LoraFactors):
     def set_adapter(self, i: int, adapter: LoraAdapter) -> None:
         """Write a single adapter's tensors into slot i (in place; the bank's optimizer state for that
         slot is the caller's to reset)."""
-        _check_compatible([self, adapter])
+        check_compatible([self, adapter])
         with torch.no_grad():
             for stacked, theirs in zip(self.parameters(), adapter.parameters()):
                 stacked[i].copy_(theirs)
@@ -345,7 +294,7 @@ class BoundBank:
 
 
 # -- arithmetic for evolution ------------------------------------------------------------------------
-def _check_compatible(adapters: list[_LoraFactors], same_rank: bool = True) -> None:
+def check_compatible(adapters: list[_LoraFactors], same_rank: bool = True) -> None:
     if not adapters:
         raise ValueError("need at least one adapter")
     first = adapters[0]
@@ -359,7 +308,7 @@ def _check_compatible(adapters: list[_LoraFactors], same_rank: bool = True) -> N
 
 def linear_combination(adapters: list[LoraAdapter], coefficients: list[float]) -> LoraAdapter:
     """Factor-wise sum: A = sum c_i A_i, B = sum c_i B_i (config and dropout of the first)."""
-    _check_compatible(adapters)
+    check_compatible(adapters)
     if len(coefficients) != len(adapters):
         raise ValueError(f"{len(adapters)} adapters but {len(coefficients)} coefficients")
     out = adapters[0].clone()
@@ -398,7 +347,7 @@ def merge_product_space(adapters: list[LoraAdapter], weights=None, rank: int | N
     approximation (Eckart-Young) of sum_i w_i s_i B_i A_i, weights normalised to sum 1. Exact when the
     inputs' ranks add up to <= rank. The update is split evenly: B = U sqrt(S/s), A = sqrt(S/s) V^T.
     Directions beyond the inputs' combined rank are zero in both factors."""
-    _check_compatible(adapters, same_rank=False)
+    check_compatible(adapters, same_rank=False)
     weights = _normalized(weights, len(adapters))
     config = replace(adapters[0].config, r=rank or adapters[0].config.r)
     out = LoraAdapter(adapters[0].base_config, config, init=False).to(adapters[0].lora_A[0].device)
@@ -415,36 +364,4 @@ def merge_product_space(adapters: list[LoraAdapter], weights=None, rank: int | N
             root = (S[:k] / config.scaling).sqrt()
             out.lora_B[j][:, :k] = (Qb @ U[:, :k] * root).to(out.lora_B[j].dtype)  # (out, k)
             out.lora_A[j][:k] = (root[:, None] * Vh[:k] @ Qa.T).to(out.lora_A[j].dtype)  # (k, in)
-    return out
-
-
-def _rms(t: torch.Tensor) -> float:
-    return t.float().pow(2).mean().sqrt().item()
-
-
-def mutate(adapter: LoraAdapter, rate: float, generator: torch.Generator | None = None) -> LoraAdapter:
-    """Gaussian mutation per tensor: noise std = rate * RMS of that tensor. A B that is still zero
-    (a fresh adapter) borrows the RMS of its own A, so noise of the same relative size opens the
-    update; an all-zero A falls back to MUTATION_FLOOR."""
-    out = adapter.clone()
-    with torch.no_grad():
-        for A, B in zip(out.lora_A, out.lora_B):
-            a_scale = _rms(A) or MUTATION_FLOOR
-            b_scale = _rms(B) or a_scale
-            for t, scale in ((A, a_scale), (B, b_scale)):
-                t.add_(torch.randn(t.shape, generator=generator).to(t.device, t.dtype) * (rate * scale))
-    return out
-
-
-def crossover(a: LoraAdapter, b: LoraAdapter, generator: torch.Generator | None = None) -> LoraAdapter:
-    """Uniform crossover by layer: each layer's adapter tensors (all its targets, A and B together,
-    so every update B@A stays one parent's) come from `a` or `b` with probability 1/2."""
-    _check_compatible([a, b])
-    from_b = (torch.rand(a.base_config.n_layer, generator=generator) < 0.5).tolist()
-    out = a.clone()
-    with torch.no_grad():
-        for key, j in out.slot.items():
-            if from_b[int(key.split(".")[1])]:
-                out.lora_A[j].copy_(b.lora_A[j])
-                out.lora_B[j].copy_(b.lora_B[j])
     return out

@@ -19,9 +19,16 @@ through two small protocols:
 
 Quantization swaps `nn.Linear` modules for quantized ones from outside (h2q/quant.py); the names and
 the adapter keys stay the same.
+
+The base's identity is declared on the Transformer, never added ad hoc: `fingerprint` (the name of the
+float weights that adapters record, `base_fingerprint()`) and `quant_scheme` (how h2q/quant.py
+compressed them, None for a float model). Whoever changes the weights keeps them true: checkpoint
+load/save and quantize set them, a LoRA merge clears the fingerprint.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
 import torch
@@ -165,6 +172,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        # identity of the base (see the module docstring): the recorded fingerprint of the float
+        # weights, None = compute it from them; the h2q.quant.QuantScheme, None = float weights
+        self.fingerprint: str | None = None
+        self.quant_scheme = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -193,6 +204,18 @@ class Transformer(nn.Module):
             cache.advance(T)
         x = self.norm(x)
         return linear(x, self.embed.weight)  # tied output head, (B, T, vocab_size)
+
+    def base_fingerprint(self) -> str:
+        """The base's identity, which adapters record: the recorded `fingerprint` (a quantized model
+        keeps its float model's), else sha256 over the config and the float weights, 16 hex digits.
+        A computed one is not recorded, so weights that train on are hashed afresh each time."""
+        if self.fingerprint is not None:
+            return self.fingerprint
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for k, v in sorted(self.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

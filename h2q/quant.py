@@ -2,11 +2,13 @@
 
 Layered like gpt-fast's quantize.py: pure functions (fit a grid, quantize, dequantize, pack, unpack) ->
 Linear replacements holding integer buffers and scales (`Int8Linear`, `Int4Linear`) -> a recursive
-swap (`quantize`). The model file knows nothing of it: swapped modules keep their names, so adapter
-keys and LoRA over a quantized base (QLoRA, Dettmers et al. 2023: float adapters over frozen low-bit
-weights) work unchanged. Quantized tensors are buffers, never parameters, so nothing trains them.
+swap (`quantize`; GPTQ's data-aware swap is h2q/gptq.py, which builds on this module, never the other
+way). The model file knows nothing of it: swapped modules keep their names, so adapter keys and LoRA
+over a quantized base (QLoRA, Dettmers et al. 2023: float adapters over frozen low-bit weights) work
+unchanged. Quantized tensors are buffers, never parameters, so nothing trains them. The model's
+declared `quant_scheme` says how it was quantized; its `fingerprint` stays the float model's.
 
-Schemes (format `h2q-quant-v1`):
+Schemes (`QuantScheme`, stored as JSON with format `h2q-quant-v1`):
 * int8: symmetric, one fp32 scale per output channel: w ~ q * s, q in [-127, 127].
 * int4: asymmetric, one (scale, zero) per group of `group_size` inputs of an output channel:
   w ~ (q - 8) * s + z, q in [0, 15], the float-zero form of tinygemm and torch's int4 kernels. Scales
@@ -20,29 +22,27 @@ Schemes (format `h2q-quant-v1`):
 * The embedding, tied to the output head, stays float unless asked (`embedding=True`: int8 per row).
 
 Kernels (torch 2.13, measured on this CPU): `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`
-take fp32 activations only through a slow reference path (5-30x slower than F.linear) but bf16 ones
-through a fast vectorised one, so on CPU activations go in as bf16 and results come back in x's dtype.
-Elsewhere (CUDA's tinygemm path is untested here) a layer dequantizes and calls F.linear. The int4 CPU
-kernel wants its own ISA-dependent layout: a layer derives it on its first CPU forward and drops the
-canonical buffers, so one copy is held. `state_dict()` and device moves recover the canonical codes
-exactly by running the kernel on an identity matrix with scale 1 and zero 8 (codes are small integers).
+take fp32 activations only through a slow reference path but bf16 ones through a fast vectorised one,
+so on CPU activations go in as bf16 and results come back in x's dtype. Elsewhere (CUDA's tinygemm
+path is untested here) a layer dequantizes and calls F.linear. The int4 CPU kernel wants its own
+ISA-dependent layout: a layer converts to it when its weights arrive (quantize, load) or move, and
+drops the canonical buffers, so one copy is held; `forward` only reads. `state_dict()` and device
+moves recover the canonical codes exactly by running the kernel on an identity matrix with scale 1
+and zero 8 (codes are small integers).
 
-Checkpoints hold the canonical buffers plus the float model's metadata (format, config, tokenizer,
-fingerprint, so adapters of the float base fit) and `quant`, the scheme as JSON; `h2q.checkpoint.
-load_model` sees `quant` and calls `prepare_quantized` to swap in empty quantized modules first.
+Files are h2q/checkpoint.py's: `save_quantized` writes the canonical buffers with the scheme, and
+`load_model` calls `prepare_quantized` to swap in empty quantized modules before loading them.
 """
 from __future__ import annotations
 
 import functools
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from h2q.checkpoint import MODEL_FILE, fingerprint, model_metadata, save_tensors
 from h2q.config import option
 from h2q.errors import ConfigError, H2QError
 
@@ -208,6 +208,7 @@ def _int4_kernel_ok(out_features: int, in_features: int, group_size: int) -> boo
 
 @functools.lru_cache(maxsize=None)
 def _unit_scales(n: int) -> torch.Tensor:
+    """Ones for the int8 kernel's bf16 scales, one CPU tensor per width shared by every layer."""
     return torch.ones(n, dtype=torch.bfloat16)
 
 
@@ -234,31 +235,43 @@ def _run_kernel(layer, x):
 
 # -- modules ------------------------------------------------------------------------------------------
 class Int8Linear(nn.Module):
-    """Bias-free linear with int8 weights, one fp32 scale per output channel."""
+    """Bias-free linear with int8 weights, one fp32 scale per output channel. `use_kernel`: run the CPU
+    kernel (where this torch has it for this shape) rather than dequantize + F.linear."""
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
-        self.use_kernel = True
+        # the kernel's bf16 scales, all 1: a plain attribute (no bytes of the model's own), not made in
+        # forward, where torch.compile would trace a fresh tensor that its lowering of the kernel refuses
+        self.unit_scales = _unit_scales(out_features)
+        self.set_kernel(True)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor) -> "Int8Linear":
+        """codes int8 (N, K), scales fp32 (N,)."""
+        layer = cls(codes.shape[1], codes.shape[0], device=codes.device)
+        layer.qweight, layer.scales = codes, scales
+        return layer
 
     @classmethod
     def from_float(cls, linear: nn.Linear, clip_search: bool = True) -> "Int8Linear":
-        layer = cls(linear.in_features, linear.out_features, device=linear.weight.device)
-        layer.qweight, layer.scales = quantize_int8(linear.weight.detach(), clip_search)
-        return layer
+        return cls.from_codes(*quantize_int8(linear.weight.detach(), clip_search))
+
+    def set_kernel(self, enabled: bool) -> None:
+        self.use_kernel = enabled and _int8_kernel_ok(self.out_features, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scales)
 
     def kernel_matmul(self, x2d):
         """(M, K) -> (M, N) by the bf16 kernel on unit scales; the fp32 scales are applied after."""
-        y = torch._weight_int8pack_mm(x2d.bfloat16(), self.qweight, _unit_scales(self.out_features))
+        y = torch._weight_int8pack_mm(x2d.bfloat16(), self.qweight, self.unit_scales)
         return (y * self.scales).to(x2d.dtype)  # bf16 * fp32 -> fp32
 
     def forward(self, x):
-        if self.use_kernel and x.device.type == "cpu" and _int8_kernel_ok(self.out_features, self.in_features):
+        if self.use_kernel and x.device.type == "cpu":
             return _run_kernel(self, x)
         return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
 
@@ -269,9 +282,12 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Bias-free linear with int4 weights packed two per byte, bf16 scale and zero per input group.
 
-    Canonical buffers: qweight uint8 (N, K/2), scales and zeros bf16 (N, K/g). After the first CPU
-    forward with the kernel they are replaced by kernel_qweight (the kernel's layout, same bytes) and
-    kernel_scales_zeros bf16 (K/g, N, 2); `canonical()` rebuilds the canonical ones from either."""
+    Canonical buffers: qweight uint8 (N, K/2), scales and zeros bf16 (N, K/g). While the CPU kernel is
+    in use (`use_kernel`, weights on CPU, a kernel for this shape in this torch) they are replaced by
+    kernel_qweight (the kernel's layout, same bytes) and kernel_scales_zeros bf16 (K/g, N, 2), so one
+    copy is held. The layout is set when the weights arrive (`from_codes`, `load_state_dict`), on
+    device moves and by `set_kernel`, never by `forward`; `canonical()` rebuilds the canonical buffers
+    from either. An empty module (from the constructor, to be loaded) holds canonical zeros."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 64, device=None):
         super().__init__()
@@ -286,11 +302,30 @@ class Int4Linear(nn.Module):
         self.use_kernel = True
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int = 64, clip_search: bool = True) -> "Int4Linear":
-        layer = cls(linear.in_features, linear.out_features, group_size, device=linear.weight.device)
-        codes, layer.scales, layer.zeros = quantize_int4(linear.weight.detach(), group_size, clip_search)
-        layer.qweight = pack_int4(codes)
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int) -> "Int4Linear":
+        """codes uint8 (N, K) in [0, 15], scales and zeros bf16 (N, K / group_size)."""
+        layer = cls(codes.shape[1], codes.shape[0], group_size, device=codes.device)
+        layer.qweight, layer.scales, layer.zeros = pack_int4(codes), scales, zeros
+        layer._set_layout()
         return layer
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 64, clip_search: bool = True) -> "Int4Linear":
+        return cls.from_codes(*quantize_int4(linear.weight.detach(), group_size, clip_search), group_size)
+
+    def set_kernel(self, enabled: bool) -> None:
+        self.use_kernel = enabled
+        self._set_layout()
+
+    def _set_layout(self):
+        """The kernel layout exactly while the kernel can run, the canonical one otherwise."""
+        weights = self.qweight if self.kernel_qweight is None else self.kernel_qweight
+        if (self.use_kernel and weights.device.type == "cpu"
+                and _int4_kernel_ok(self.out_features, self.in_features, self.group_size)):
+            self.to_kernel_layout()
+        else:
+            self.to_canonical_layout()
 
     def _codes_scales_zeros(self):
         if self.kernel_qweight is None:
@@ -311,6 +346,8 @@ class Int4Linear(nn.Module):
         return dequantize_int4(*self._codes_scales_zeros(), self.group_size)
 
     def to_kernel_layout(self):
+        if self.kernel_qweight is not None:
+            return
         codes = unpack_int4(self.qweight).to(torch.int32)  # (N, K)
         self.kernel_qweight = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
         self.kernel_scales_zeros = torch.stack((self.scales.t(), self.zeros.t()), -1).bfloat16().contiguous()
@@ -327,10 +364,7 @@ class Int4Linear(nn.Module):
                                                  self.kernel_scales_zeros).to(x2d.dtype)
 
     def forward(self, x):
-        if self.use_kernel and x.device.type == "cpu" and _int4_kernel_ok(
-                self.out_features, self.in_features, self.group_size):
-            if self.kernel_qweight is None:
-                self.to_kernel_layout()
+        if self.kernel_qweight is not None:
             return _run_kernel(self, x)
         return F.linear(x, self.dequantize().to(x.dtype))
 
@@ -342,10 +376,13 @@ class Int4Linear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.to_canonical_layout()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._set_layout()
 
     def _apply(self, fn, recurse=True):
         self.to_canonical_layout()
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._set_layout()  # the kernel layout is the CPU kernel's: derived again where the weights went
+        return out
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}"
@@ -426,40 +463,42 @@ def _swap_linears(module: nn.Module, make, prefix: str = "") -> None:
 
 
 def _check_quantizable(model: nn.Module, scheme: QuantScheme) -> None:
-    if quant_scheme(model) is not None:
-        raise H2QError(f"the model is already quantized ({quant_scheme(model).describe()}); "
-                        f"start from the float model")
+    if model.quant_scheme is not None:
+        raise H2QError(f"the model is already quantized ({model.quant_scheme.describe()}); start from the float model")
     if scheme.mode == "int4":
         for name, m in model.named_modules():
             if isinstance(m, nn.Linear):
                 check_group_size(m.in_features, scheme.group_size, name)
 
 
-def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, clip_search: bool = True,
-             embedding: bool = False, calibration=None) -> nn.Module:
-    """Swap the model's linears (and, if asked, its embedding) for quantized modules, in place.
-    `calibration`: token batches (B, T) for GPTQ (h2q/gptq.py); None quantizes each weight alone.
-    Keeps the float model's fingerprint so adapters trained on it fit."""
-    scheme = QuantScheme(mode, group_size, clip_search, embedding, gptq=calibration is not None)
+def quantize_with(model: nn.Module, scheme: QuantScheme, swap_linears) -> nn.Module:
+    """What every quantizer does around its own `swap_linears()` (which replaces the model's linears),
+    in place: check the model, record the float model's fingerprint (adapters trained on it keep
+    fitting), swap, quantize the embedding if the scheme says so, record the scheme."""
     _check_quantizable(model, scheme)
-    model.fingerprint = fingerprint(model)
-    if calibration is not None:
-        from h2q.gptq import gptq_quantize  # the heavier, data-aware path lives apart
-        gptq_quantize(model, scheme, calibration)
-    elif scheme.mode == "int8":
-        _swap_linears(model, lambda _, lin: Int8Linear.from_float(lin, clip_search))
-    else:
-        _swap_linears(model, lambda _, lin: Int4Linear.from_float(lin, scheme.group_size, clip_search))
-    if embedding:
-        model.embed = Int8Embedding.from_float(model.embed, clip_search)
+    model.fingerprint = model.base_fingerprint()
+    swap_linears()
+    if scheme.embedding:
+        model.embed = Int8Embedding.from_float(model.embed, scheme.clip_search)
     model.quant_scheme = scheme
     return model
 
 
-def prepare_quantized(model: nn.Module, quant_json: str, path="checkpoint") -> QuantScheme:
-    """Give a fresh float model the empty quantized modules that `quant_json` describes, ready for
-    load_state_dict (h2q.checkpoint.load_model calls this for a checkpoint with `quant` metadata)."""
-    scheme = QuantScheme.from_json(quant_json, path)
+def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, clip_search: bool = True,
+             embedding: bool = False) -> nn.Module:
+    """Swap an h2q Transformer's linears (and, if asked, its embedding) for quantized modules, in
+    place, each weight rounded on its own grid. GPTQ, which uses calibration data, is h2q.gptq.quantize."""
+    scheme = QuantScheme(mode, group_size, clip_search, embedding)
+    if scheme.mode == "int8":
+        make = lambda _, lin: Int8Linear.from_float(lin, clip_search)  # noqa: E731
+    else:
+        make = lambda _, lin: Int4Linear.from_float(lin, scheme.group_size, clip_search)  # noqa: E731
+    return quantize_with(model, scheme, lambda: _swap_linears(model, make))
+
+
+def prepare_quantized(model: nn.Module, scheme: QuantScheme) -> None:
+    """Give a fresh float model the empty quantized modules of `scheme`, ready for load_state_dict
+    (h2q.checkpoint.load_model does this for a quantized checkpoint)."""
     _check_quantizable(model, scheme)
     if scheme.mode == "int8":
         _swap_linears(model, lambda _, lin: Int8Linear(lin.in_features, lin.out_features))
@@ -468,24 +507,11 @@ def prepare_quantized(model: nn.Module, quant_json: str, path="checkpoint") -> Q
     if scheme.embedding:
         model.embed = Int8Embedding(model.embed.num_embeddings, model.embed.embedding_dim)
     model.quant_scheme = scheme
-    return scheme
-
-
-def save_quantized(out_dir: str | Path, model: nn.Module, base_metadata: dict | None = None) -> Path:
-    """Write out_dir/model.safetensors: canonical quantized tensors; the float checkpoint's metadata
-    (format, config, tokenizer, fingerprint, ...) plus `quant`."""
-    scheme = quant_scheme(model)
-    assert scheme is not None, "save_quantized needs a model from quantize()"
-    meta = {**(base_metadata or {}), **model_metadata(model.config, fingerprint=fingerprint(model)),
-            "quant": scheme.to_json()}
-    path = Path(out_dir) / MODEL_FILE
-    save_tensors(path, model.state_dict(), meta)
-    return path
 
 
 def quant_scheme(model: nn.Module) -> QuantScheme | None:
     """The model's quantization scheme, None for a float model."""
-    return getattr(model, "quant_scheme", None)
+    return model.quant_scheme
 
 
 def describe(model: nn.Module) -> str:
@@ -504,6 +530,4 @@ def use_kernels(model: nn.Module, enabled: bool) -> None:
     """Turn the CPU kernels on or off (off: dequantize + F.linear everywhere, for comparisons)."""
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
-            m.use_kernel = enabled
-            if not enabled and isinstance(m, Int4Linear):
-                m.to_canonical_layout()
+            m.set_kernel(enabled)

@@ -193,7 +193,7 @@ class Run:
                 "model_config": json.dumps(self.model.config.to_dict())}
         checkpoint.save_tensors(self.out / checkpoint.STATE_FILE, tensors, meta)
         if self.adapter is not None:
-            self.adapter.save(self.out, self.model)
+            checkpoint.save_adapter(self.out, self.adapter, self.model)
         else:
             checkpoint.save_model(self.out, self.model, step=str(self.step))
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from h2q import checkpoint, data, quant  # noqa: E402
+from h2q import checkpoint, data, gptq, quant  # noqa: E402
 from h2q.cli import resolve_device, run_main  # noqa: E402
 from h2q.config import PRESETS  # noqa: E402
 from h2q.errors import H2QError  # noqa: E402
@@ -136,7 +136,10 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         if kwargs is not None:
             kwargs = dict(kwargs)
-            quant.quantize(model, calibration=calibration if kwargs.pop("gptq", False) else None, **kwargs)
+            if kwargs.pop("gptq", False):
+                gptq.quantize(model, calibration, **kwargs)
+            else:
+                quant.quantize(model, **kwargs)
             quant.use_kernels(model, kernels)
         seconds = time.perf_counter() - start
         model = model.to(device)

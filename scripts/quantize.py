@@ -4,7 +4,8 @@
 Writes OUT/model.safetensors with the packed weights and scales; its metadata is the float model's
 (config, tokenizer, fingerprint, ...) plus `quant`, the scheme. `h2q.checkpoint.load_model(OUT)` loads
 it like any checkpoint. With --gptq, calibration batches come from the training split of --data-dir
-(default: the default corpus). The work happens in h2q/quant.py (and h2q/gptq.py).
+(default: the default corpus). The work happens in h2q/quant.py (and h2q/gptq.py); h2q/checkpoint.py
+writes the file.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from h2q import checkpoint, quant  # noqa: E402
+from h2q import checkpoint, gptq, quant  # noqa: E402
 from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, run_main  # noqa: E402
 from h2q.errors import H2QError  # noqa: E402
 
@@ -56,9 +57,14 @@ def main(argv=None) -> int:
         calibration = calibration_batches(args.data_dir, model.config.context_len, args.calib_batches,
                                           args.calib_batch_size, args.calib_len, args.seed)
     start = time.perf_counter()
-    quant.quantize(model, scheme.mode, scheme.group_size, scheme.clip_search, scheme.embedding, calibration)
+    options = dict(mode=scheme.mode, group_size=scheme.group_size, clip_search=scheme.clip_search,
+                   embedding=scheme.embedding)
+    if calibration is not None:
+        gptq.quantize(model, calibration, **options)
+    else:
+        quant.quantize(model, **options)
     seconds = time.perf_counter() - start
-    path = quant.save_quantized(args.out, model, metadata)
+    path = checkpoint.save_quantized(args.out, model, metadata)
     size = quant.model_bytes(model)
     print(f"{args.ckpt} -> {path}: {quant.describe(model)}, {float_bytes / 1e6:.2f} MB -> {size / 1e6:.2f} MB "
           f"({float_bytes / size:.2f}x smaller) in {seconds:.1f} s; fingerprint {model.fingerprint} kept")

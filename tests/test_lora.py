@@ -1,5 +1,5 @@
-"""LoRA adapters: fresh = no-op, frozen base, merge/unmerge, the batched multi-adapter bank, files,
-and the arithmetic evolution uses."""
+"""LoRA adapters: fresh = no-op, frozen base, merge/unmerge, the batched multi-adapter bank, their
+files (h2q/checkpoint.py), and adapter arithmetic."""
 import argparse
 import json
 
@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from h2q import lora
-from h2q.checkpoint import fingerprint
+from h2q import checkpoint, lora
 from h2q.cli import add_dataclass_flags, dataclass_from_args
 from h2q.config import PRESETS, ModelConfig
 from h2q.errors import H2QError
@@ -140,6 +139,44 @@ def test_merge_unmerge_exact_and_idempotent(model, ids):
     assert (model(ids, adapters=adapter) - expected).abs().max() <= 1e-6
 
 
+def test_merge_adds_scaled_product_to_each_weight(model):
+    """W' = W + (alpha / r) * B @ A for every targeted linear, the rest untouched (formula in the test)."""
+    config = LoraConfig(r=4, alpha=6.0, targets="q_proj,down_proj")
+    adapter = trained(model, config)
+    before = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    adapter.merge(model)
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        if name.endswith(("attn.q_proj", "mlp.down_proj")):
+            A, B = adapter.lora_A[adapter.slot[name]], adapter.lora_B[adapter.slot[name]]
+            expected = before[name] + (6.0 / 4) * (B @ A)
+            torch.testing.assert_close(m.weight, expected, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(m.weight, before[name]), name
+
+
+def test_merge_renames_the_base_and_unmerge_restores_its_name(model, ids, tmp_path):
+    checkpoint.save_model(tmp_path, model)  # records the float weights' fingerprint
+    name = model.fingerprint
+    adapter = trained(model)
+    adapter.merge(model)
+    assert model.fingerprint is None  # nothing stale: the merged weights are another base
+    merged_name = model.base_fingerprint()
+    fresh = Transformer(CFG)
+    fresh.load_state_dict(model.state_dict())
+    assert merged_name != name and merged_name == fresh.base_fingerprint()
+    adapter.unmerge()
+    assert model.fingerprint == name
+    other = trained(model, seed=1)
+    adapter.merge(model)
+    other.merge(model)  # a second merge in between: unmerging the first no longer gives the base back
+    adapter.unmerge()
+    assert model.fingerprint is None
+    other.unmerge()
+    assert model.fingerprint is None
+
+
 def test_merge_into_quantized_base_is_a_clear_error(model, ids):
     adapter = trained(model)
     quantize_fake(model)
@@ -213,38 +250,58 @@ def test_bank_slot_roundtrip_and_validation(model):
 
 
 # -- files ---------------------------------------------------------------------------------------------
+def test_saved_adapter_keys_and_config(model, tmp_path):
+    """The file's keys, written out for the tiny config (2 layers), PEFT-style."""
+    adapter = trained(model, LoraConfig(r=4, alpha=8, rslora=True, targets="q_proj,v_proj,down_proj"))
+    checkpoint.save_adapter(tmp_path / "a", adapter, model)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
+        keys = sorted(f.keys())
+        shapes = {k: tuple(f.get_tensor(k).shape) for k in keys}
+    assert keys == [
+        "layers.0.attn.q_proj.lora_A", "layers.0.attn.q_proj.lora_B",
+        "layers.0.attn.v_proj.lora_A", "layers.0.attn.v_proj.lora_B",
+        "layers.0.mlp.down_proj.lora_A", "layers.0.mlp.down_proj.lora_B",
+        "layers.1.attn.q_proj.lora_A", "layers.1.attn.q_proj.lora_B",
+        "layers.1.attn.v_proj.lora_A", "layers.1.attn.v_proj.lora_B",
+        "layers.1.mlp.down_proj.lora_A", "layers.1.mlp.down_proj.lora_B",
+    ]
+    assert shapes["layers.0.attn.q_proj.lora_A"] == (4, 32) and shapes["layers.0.attn.q_proj.lora_B"] == (32, 4)
+    assert shapes["layers.1.mlp.down_proj.lora_A"] == (4, 96) and shapes["layers.1.mlp.down_proj.lora_B"] == (32, 4)
+    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert meta["r"] == 4 and meta["lora_alpha"] == 8 and meta["use_rslora"] is True and meta["peft_type"] == "LORA"
+    assert meta["target_modules"] == ["q_proj", "v_proj", "down_proj"] and meta["lora_dropout"] == 0.0
+    assert meta["base_fingerprint"] == model.base_fingerprint() and meta["base_model_config"] == CFG.to_dict()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_save_load_roundtrip(model, ids, tmp_path):
     adapter = trained(model, LoraConfig(r=4, alpha=8, rslora=True, targets="q_proj,v_proj,down_proj"))
-    adapter.save(tmp_path / "a", model)
-    from safetensors import safe_open
-    with safe_open(str(tmp_path / "a" / lora.ADAPTER_FILE), "pt") as f:
-        assert set(f.keys()) == set(adapter.tensors())
-    assert "layers.0.attn.q_proj.lora_A" in adapter.tensors()
-    meta = json.loads((tmp_path / "a" / lora.CONFIG_FILE).read_text())
-    assert meta["r"] == 4 and meta["lora_alpha"] == 8 and meta["use_rslora"] is True
-    assert meta["target_modules"] == ["q_proj", "v_proj", "down_proj"] and meta["lora_dropout"] == 0.0
-    assert meta["base_fingerprint"] == fingerprint(model) and meta["base_model_config"] == CFG.to_dict()
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([lora.ADAPTER_FILE, lora.CONFIG_FILE])
-    loaded = lora.load_adapter(tmp_path / "a", model)
+    checkpoint.save_adapter(tmp_path / "a", adapter, model)
+    loaded = checkpoint.load_adapter(tmp_path / "a", model)
     assert loaded.config == adapter.config
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), adapter.parameters()))
     assert torch.equal(model(ids, adapters=loaded), model(ids, adapters=adapter))
+    adapter.merge(model)
+    with pytest.raises(ValueError, match="unmerge"):
+        checkpoint.save_adapter(tmp_path / "b", adapter, model)
 
 
 def test_load_refuses_other_bases(model, tmp_path):
-    trained(model).save(tmp_path / "a", model)
+    checkpoint.save_adapter(tmp_path / "a", trained(model), model)
     other_shape = Transformer(ModelConfig(n_layer=2, n_head=2, d_model=32, context_len=64, mlp_hidden=64))
     with pytest.raises(H2QError, match="another base shape"):
-        lora.load_adapter(tmp_path / "a", other_shape)
+        checkpoint.load_adapter(tmp_path / "a", other_shape)
     torch.manual_seed(5)
     retrained = Transformer(CFG)
     with pytest.raises(H2QError, match="check_fingerprint=False"):
-        lora.load_adapter(tmp_path / "a", retrained)
-    assert isinstance(lora.load_adapter(tmp_path / "a", retrained, check_fingerprint=False), LoraAdapter)
+        checkpoint.load_adapter(tmp_path / "a", retrained)
+    assert isinstance(checkpoint.load_adapter(tmp_path / "a", retrained, check_fingerprint=False), LoraAdapter)
     with pytest.raises(H2QError, match="no LoRA adapter"):
-        lora.load_adapter(tmp_path / "missing", model)
-    (tmp_path / "a" / lora.ADAPTER_FILE).write_bytes(b"garbage")
+        checkpoint.load_adapter(tmp_path / "missing", model)
+    (tmp_path / "a" / checkpoint.ADAPTER_FILE).write_bytes(b"garbage")
     with pytest.raises(H2QError, match="corrupt"):
-        lora.load_adapter(tmp_path / "a", model)
+        checkpoint.load_adapter(tmp_path / "a", model)
 
 
 def test_count_bytes(model):
@@ -301,38 +358,6 @@ def test_product_space_merge_truncates_to_best_rank(model):
     S = torch.linalg.svdvals(target.double())
     best = torch.linalg.matrix_norm(target.double() - merged.delta(key).double(), ord=2)
     assert torch.isclose(best, S[4], rtol=1e-4)  # Eckart-Young: spectral error = 5th singular value
-
-
-def test_mutation_scale_and_fresh_b(model):
-    parent = LoraAdapter(model, LoraConfig(r=8))  # fresh: B == 0
-    child = lora.mutate(parent, rate=0.1, generator=torch.Generator().manual_seed(0))
-    assert_fresh_storage(child, parent)
-    for j in range(len(parent.lora_A)):
-        a_rms = parent.lora_A[j].pow(2).mean().sqrt()
-        noise_a = (child.lora_A[j] - parent.lora_A[j]).std()
-        noise_b = child.lora_B[j].std()
-        assert 0.07 * a_rms < noise_a < 0.13 * a_rms  # rate * RMS of A
-        assert 0.07 * a_rms < noise_b < 0.13 * a_rms  # zero B borrows A's RMS
-    assert torch.count_nonzero(parent.lora_B[0]) == 0
-    again = lora.mutate(parent, rate=0.1, generator=torch.Generator().manual_seed(0))
-    assert all(torch.equal(p, q) for p, q in zip(child.parameters(), again.parameters()))
-
-
-def test_crossover_takes_whole_layers(model):
-    model = Transformer(ModelConfig(n_layer=6, n_head=2, d_model=32, context_len=64, mlp_hidden=96))
-    a, b = trained(model, seed=1), trained(model, seed=2)
-    parents = set()
-    for seed in range(4):
-        child = lora.crossover(a, b, generator=torch.Generator().manual_seed(seed))
-        assert_fresh_storage(child, a, b)
-        for layer in range(6):
-            keys = [k for k in child.slot if k.startswith(f"layers.{layer}.")]
-            sources = {"a" if torch.equal(child.lora_A[child.slot[k]], a.lora_A[a.slot[k]]) else "b" for k in keys}
-            assert len(sources) == 1
-            src = a if sources == {"a"} else b
-            assert all(torch.equal(child.lora_B[child.slot[k]], src.lora_B[src.slot[k]]) for k in keys)
-            parents |= sources
-    assert parents == {"a", "b"}  # 24 fair coin flips: both parents show up
 
 
 def test_over_h2q_int8_base(model, ids):

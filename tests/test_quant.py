@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from h2q import checkpoint, lora, quant
+from h2q import checkpoint, gptq, lora, quant
 from h2q.cli import run_main
 from h2q.config import PRESETS
 from h2q.errors import H2QError
@@ -91,14 +91,14 @@ def test_int8_logits_close_to_float_and_int4_reasonable():
 
 def test_swap_keeps_names_buffers_not_parameters_and_fingerprint():
     model = model_of()
-    fp, names = checkpoint.fingerprint(model), {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    fp, names = model.base_fingerprint(), {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     float_bytes = quant.model_bytes(model)
     quant.quantize(model, "int4", 32)
     swapped = {n for n, m in model.named_modules() if isinstance(m, quant.Int4Linear)}
     assert swapped == names and not any(isinstance(m, nn.Linear) for m in model.modules())
     assert isinstance(model.embed, nn.Embedding)  # stays float unless asked
     assert all(p.is_floating_point() for p in model.parameters())  # codes and scales are buffers
-    assert checkpoint.fingerprint(model) == fp and quant.quant_scheme(model).mode == "int4"
+    assert model.fingerprint == fp and model.base_fingerprint() == fp and model.quant_scheme.mode == "int4"
     layer = model.layers[0].mlp.up_proj  # (96, 32): packed bytes + bf16 scale and zero per group of 32
     assert sum(t.numel() * t.element_size() for t in layer.buffers()) == 96 * 16 + 2 * 2 * 96 * 1
     assert quant.model_bytes(model) < float_bytes
@@ -118,16 +118,30 @@ def test_kernel_and_dequantize_paths_agree(mode, group):
 
 def test_int4_kernel_layout_reads_back_canonical_exactly():
     linear = nn.Linear(128, 96, bias=False)
+    codes, scales, zeros = quant.quantize_int4(linear.weight.detach(), 64)
+    canonical = {"qweight": quant.pack_int4(codes), "scales": scales, "zeros": zeros}
     layer = quant.Int4Linear.from_float(linear, 64)
-    canonical = {k: v.clone() for k, v in layer.state_dict().items()}
-    with torch.no_grad():
-        layer(torch.randn(3, 128))
     if layer.kernel_qweight is None:
         pytest.skip("this torch build has no CPU int4 kernel")
-    assert layer.qweight is None  # one copy held
+    assert layer.qweight is None  # converted once, when the weights arrived: one copy held
     assert all(torch.equal(canonical[k], v) for k, v in layer.state_dict().items())
-    assert torch.equal(layer.dequantize(), quant.dequantize_int4(
-        quant.unpack_int4(canonical["qweight"]), canonical["scales"], canonical["zeros"], 64))
+    assert torch.equal(layer.dequantize(), quant.dequantize_int4(codes, scales, zeros, 64))
+    layer.to("cpu")  # a device move passes through the canonical form and comes back to the kernel's
+    assert layer.qweight is None and all(torch.equal(canonical[k], v) for k, v in layer.state_dict().items())
+    quant.use_kernels(layer, False)
+    assert layer.kernel_qweight is None and all(torch.equal(canonical[k], getattr(layer, k)) for k in canonical)
+    quant.use_kernels(layer, True)
+    assert layer.qweight is None
+
+
+@pytest.mark.parametrize("mode,group", [("int8", 64), ("int4", 32)])
+def test_forward_only_reads_the_layers(mode, group):
+    """No layout work hides in forward: quantize leaves every buffer as serving uses it."""
+    model = quant.quantize(model_of(), mode, group)
+    before = {name: (t.data_ptr(), t._version) for name, t in model.named_buffers()}
+    with torch.no_grad():
+        model(random_ids())
+    assert {name: (t.data_ptr(), t._version) for name, t in model.named_buffers()} == before
 
 
 @pytest.mark.parametrize("mode,group,embedding", [("int8", 64, False), ("int4", 32, True)])
@@ -138,13 +152,15 @@ def test_saved_and_loaded_gives_identical_logits(tmp_path, mode, group, embeddin
     quant.quantize(model, mode, group, embedding=embedding)
     ids = random_ids()
     with torch.no_grad():
-        in_memory = model(ids)  # after this the int4 layers hold the kernel layout
-    quant.save_quantized(out, model, meta)
+        in_memory = model(ids)
+    checkpoint.save_quantized(out, model, meta)
     loaded, loaded_meta = checkpoint.load_model(out)
     with torch.no_grad():
         assert torch.equal(loaded(ids), in_memory)
     assert loaded.fingerprint == meta["fingerprint"] and loaded_meta["config"] == meta["config"]
-    assert quant.quant_scheme(loaded) == quant.quant_scheme(model)
+    assert loaded.quant_scheme == model.quant_scheme
+    layouts = lambda m: [x.kernel_qweight is None for x in m.modules() if isinstance(x, quant.Int4Linear)]  # noqa: E731
+    assert layouts(loaded) == layouts(model)  # the kernel layout is set at load, as at quantize
     assert quant.QuantScheme.from_json(loaded_meta["quant"]).embedding is embedding
 
 
@@ -152,8 +168,6 @@ def test_lora_trains_over_quantized_base_and_base_never_changes():
     """QLoRA: float adapter over frozen int4 codes; gradients reach every adapter tensor (through the
     quantized layers' inputs too), the base's packed weights stay bit-identical."""
     model = lora.freeze_base(quant.quantize(model_of(), "int4", 32))
-    with torch.no_grad():
-        model(random_ids())  # kernel layout, as in serving
     before = {k: v.clone() for k, v in model.state_dict().items()}
     adapter = lora.LoraAdapter(model, lora.LoraConfig(r=4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -178,22 +192,21 @@ def test_input_gradient_matches_dequantized_linear(cls, args):
 
 
 def test_gptq_lowers_output_error_on_calibration_inputs():
-    from h2q.gptq import gptq_weight
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2048, 128, generator=g) @ (torch.eye(128) + 0.2 * torch.randn(128, 128, generator=g))
     W = weight_with_outliers(48, 128)
     scheme = quant.QuantScheme("int4", 32)
-    codes, s, z = gptq_weight(W, X.t() @ X, scheme)
-    gptq = quant.dequantize_int4(codes.to(torch.uint8), s.bfloat16(), z.bfloat16(), 32)
+    codes, s, z = gptq.gptq_weight(W, X.t() @ X, scheme)
+    compensated = quant.dequantize_int4(codes.to(torch.uint8), s.bfloat16(), z.bfloat16(), 32)
     rtn = quant.dequantize_int4(*quant.quantize_int4(W, 32), 32)
-    assert (X @ (gptq - W).t()).square().mean() < 0.8 * (X @ (rtn - W).t()).square().mean()
+    assert (X @ (compensated - W).t()).square().mean() < 0.8 * (X @ (rtn - W).t()).square().mean()
 
 
 def test_gptq_model_is_an_ordinary_quantized_model():
     model = model_of()
     calibration = [random_ids(2, 32, seed=s) for s in range(2)]
-    quant.quantize(model, "int4", 32, calibration=calibration)
-    assert quant.quant_scheme(model).gptq and isinstance(model.layers[1].attn.o_proj, quant.Int4Linear)
+    gptq.quantize(model, calibration, "int4", 32)
+    assert model.quant_scheme.gptq and isinstance(model.layers[1].attn.o_proj, quant.Int4Linear)
     with torch.no_grad():
         assert torch.isfinite(model(random_ids())).all()
 

@@ -1,5 +1,6 @@
 """Evolution of the agents' LoRA adapters: the population (one AdapterBank plus every agent's lineage
-record), selection, breeding, mutation, and the strategies that decide what happens between cycles.
+record), selection, breeding, the genetic operators (mutation, layer crossover), and the strategies
+that decide what happens between cycles. Generic adapter arithmetic (merges, averages) is h2q/lora.py's.
 
 A generational genetic algorithm with elitism (De Jong 1975) over adapters, run after each cycle's
 evaluation (`next_generation`):
@@ -14,8 +15,8 @@ evaluation (`next_generation`):
   `lora.merge_product_space([p1, p2], [w, 1 - w])`, the best rank-r approximation of w dW1 + (1-w) dW2;
   `factors` is the original design's child = p1 * w + p2 * (1 - w) on A and B separately
   (`lora.average_factors`, cross terms included, see h2q/lora.py); `layer` takes whole layers from
-  either parent (`lora.crossover`).
-* Mutation: `lora.mutate`, Gaussian noise of std = mutation_rate * RMS of each tensor.
+  either parent (`layer_crossover`).
+* Mutation: `mutate`, Gaussian noise of std = mutation_rate * RMS of each tensor.
 
 Strategies (`--strategy`): `hybrid` and `evolution` breed as above (the runner turns online learning
 on for hybrid, off for evolution); `gradient` breeds nothing; `meta` is Reptile (Nichol et al. 2018)
@@ -58,6 +59,8 @@ CROSSOVERS = ("merge", "factors", "layer")
 SELECTIONS = ("tournament", "proportional")
 FLOOR_SHARE = 0.1  # the worst agent's shifted fitness, as a share of the population's fitness spread
 LR_RANGE, TEMPERATURE_RANGE = (1e-6, 1.0), (0.05, 5.0)  # PBT keeps hyperparameters inside these
+# mutation noise scale for a tensor that is all zero and has no nonzero partner to borrow a scale from
+MUTATION_FLOOR = 1e-3
 
 
 @dataclass
@@ -152,7 +155,7 @@ class Population:
         init = LoraAdapter(base_config, config, generator=generator)
         population = cls(bank, agents, [], n, meta=init if meta else None)
         for slot in range(n):
-            population.set(slot, lora.mutate(init, mutation_rate, generator))
+            population.set(slot, mutate(init, mutation_rate, generator))
         return population
 
     def new_id(self) -> str:
@@ -216,6 +219,39 @@ class Population:
         return self
 
 
+# -- genetic operators -------------------------------------------------------------------------------
+def _rms(t: torch.Tensor) -> float:
+    return t.float().pow(2).mean().sqrt().item()
+
+
+def mutate(adapter: LoraAdapter, rate: float, generator: torch.Generator | None = None) -> LoraAdapter:
+    """Gaussian mutation per tensor, into a new adapter: noise std = rate * RMS of that tensor. A B
+    that is still zero (a fresh adapter) borrows the RMS of its own A, so noise of the same relative
+    size opens the update; an all-zero A falls back to MUTATION_FLOOR."""
+    out = adapter.clone()
+    with torch.no_grad():
+        for A, B in zip(out.lora_A, out.lora_B):
+            a_scale = _rms(A) or MUTATION_FLOOR
+            b_scale = _rms(B) or a_scale
+            for t, scale in ((A, a_scale), (B, b_scale)):
+                t.add_(torch.randn(t.shape, generator=generator).to(t.device, t.dtype) * (rate * scale))
+    return out
+
+
+def layer_crossover(a: LoraAdapter, b: LoraAdapter, generator: torch.Generator | None = None) -> LoraAdapter:
+    """Uniform crossover by layer, into a new adapter: each layer's adapter tensors (all its targets,
+    A and B together, so every update B@A stays one parent's) come from `a` or `b` with probability 1/2."""
+    lora.check_compatible([a, b])
+    from_b = (torch.rand(a.base_config.n_layer, generator=generator) < 0.5).tolist()
+    out = a.clone()
+    with torch.no_grad():
+        for key, j in out.slot.items():
+            if from_b[int(key.split(".")[1])]:
+                out.lora_A[j].copy_(b.lora_A[j])
+                out.lora_B[j].copy_(b.lora_B[j])
+    return out
+
+
 # -- the pieces --------------------------------------------------------------------------------------
 def elite_count(n: int, elite_frac: float) -> int:
     return min(max(1, math.ceil(elite_frac * n - 1e-9)), n)
@@ -259,7 +295,7 @@ def breed(p1: LoraAdapter, p2: LoraAdapter, w: float, crossover: str, rank: int,
     assert p1.config.r == p2.config.r == rank, "factor-wise crossover needs parents of the child's rank"
     if crossover == "factors":
         return lora.average_factors([p1, p2], [w, 1.0 - w])
-    return lora.crossover(p1, p2, generator)
+    return layer_crossover(p1, p2, generator)
 
 
 def child_rank(parent: Agent, parent_is_elite: bool, cfg: BreedConfig, bank_rank: int) -> int:
@@ -340,7 +376,7 @@ def next_generation(population: Population, fitness, cfg: BreedConfig, cycle: in
         for slot in replaced:
             born[slot] = (Agent(population.new_id(), slot, [population.agents[s].id for s in order[:n_elite]],
                                 cycle + 1, bank_rank, *hyper(best)),
-                          lora.mutate(population.meta, cfg.mutation_rate, generator))
+                          mutate(population.meta, cfg.mutation_rate, generator))
     else:
         for slot in replaced:
             first = pick_parent(fitness, cfg, rng)
@@ -351,7 +387,7 @@ def next_generation(population: Population, fitness, cfg: BreedConfig, cycle: in
             child = breed(population.adapter(first), population.adapter(second), w, cfg.crossover, rank, generator)
             born[slot] = (Agent(population.new_id(), slot, [population.agents[first].id, population.agents[second].id],
                                 cycle + 1, rank, *hyper(fitter)),
-                          lora.mutate(child, cfg.mutation_rate, generator))
+                          mutate(child, cfg.mutation_rate, generator))
     for slot, (agent, adapter) in born.items():
         population.dead.append(population.agents[slot])
         population.agents[slot] = agent

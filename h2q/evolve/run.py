@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from h2q import checkpoint
+from h2q import checkpoint, quant
 from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, resolve_device, run_main
 from h2q.config import PRESETS, check_options, option
 from h2q.errors import H2QError
@@ -148,16 +148,15 @@ def load_base(cfg: EvolveConfig, device: torch.device) -> Transformer:
             raise H2QError(f"no base model at {path}: run `python train.py` first (or try --base random "
                             f"--preset tiny|mini|small for a quick untrained run)")
         model, _ = checkpoint.load_model(cfg.base, device)
-    model.fingerprint = checkpoint.fingerprint(model)
+    model.fingerprint = model.base_fingerprint()  # the base stays frozen for the run: name it once
     if cfg.quant != "none":
-        from h2q.quant import quant_scheme, quantize
-        scheme = quant_scheme(model)
+        scheme = model.quant_scheme
         if scheme is None:
             sizes = (model.config.d_model, model.config.mlp_hidden)
             group = next((g for g in (64, 32) if all(s % g == 0 for s in sizes)), None)
             if cfg.quant == "int4" and group is None:
                 raise H2QError(f"--quant int4 needs widths divisible by 32, this base has {sizes}; use --quant int8")
-            quantize(model, cfg.quant, group_size=group or 64)
+            quant.quantize(model, cfg.quant, group_size=group or 64)
         elif scheme.mode != cfg.quant:
             raise H2QError(f"{cfg.base} is already quantized as {scheme.mode}; pass --quant {scheme.mode} or none")
     return freeze_base(model).eval()
