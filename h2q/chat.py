@@ -224,7 +224,7 @@ def demo(cfg: InferConfig, out=None) -> int:
     say = lambda text="": print(text, file=out, flush=True)  # noqa: E731
     cfg.seed = 0 if cfg.seed is None else cfg.seed  # the tour is the same every time
     cfg.max_new_tokens = min(cfg.max_new_tokens, 120)
-    session = Session(cfg)
+    session = Session(cfg, records.resolve_adapter)
     model_cfg = session.config
     say(f"h2q demo: a {session.float_model.num_params() / 1e6:.2f}M-parameter byte-level model from {cfg.ckpt} "
         f"({model_cfg.n_layer} layers, context {model_cfg.context_len} bytes, {session.device}), seed {cfg.seed}.")

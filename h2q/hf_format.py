@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from h2q import tokenizer
-from h2q.checkpoint import atomic_write_json, atomic_write_text, fingerprint, read_tensors, save_tensors
+from h2q.checkpoint import atomic_write_json, atomic_write_text, read_tensors, save_tensors
 from h2q.config import ModelConfig
 from h2q.errors import FileFormatError, H2QError
 from h2q.lora import LINEARS, LoraAdapter, LoraConfig
@@ -146,7 +146,7 @@ def export_hf(model: Transformer, out_dir: str | Path) -> Path:
     dtypes = {v.dtype for v in state.values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
         raise H2QError(f"only float models export (found {sorted(map(str, dtypes))}); export the float checkpoint")
-    base_fp = fingerprint(model)
+    base_fp = model.base_fingerprint()
     save_tensors(out_dir / HF_WEIGHTS, {hf_name(k): v for k, v in state.items()},
                  {"format": "pt", "h2q_fingerprint": base_fp, "h2q_config": json.dumps(model.config.to_dict()),
                   "h2q_tokenizer": tokenizer.NAME})
@@ -271,7 +271,7 @@ def export_peft(adapter: LoraAdapter, base: Transformer, out_dir: str | Path,
         module, factor = key.rsplit(".", 1)  # 'layers.0.attn.q_proj', 'lora_A'
         tensors[peft_key(module, factor)] = t
     save_tensors(out_dir / PEFT_WEIGHTS, tensors, {
-        "format": "pt", "h2q_base_fingerprint": fingerprint(base),
+        "format": "pt", "h2q_base_fingerprint": base.base_fingerprint(),
         "h2q_base_config": json.dumps(adapter.base_config.to_dict())})
     atomic_write_json(out_dir / PEFT_CONFIG, peft_config(adapter.config, base_model_name_or_path))
     return out_dir
@@ -317,8 +317,8 @@ def import_peft(folder: str | Path, base: Transformer) -> tuple[LoraAdapter, str
     if "h2q_base_config" in metadata and metadata["h2q_base_config"] != json.dumps(base.config.to_dict()):
         raise FileFormatError(f"{folder} was made for another base shape ({metadata['h2q_base_config']}); "
                               f"import it onto its own base")
-    if recorded_fp is not None and recorded_fp != fingerprint(base):
-        raise FileFormatError(f"{folder} was made for base {recorded_fp}, not this base {fingerprint(base)}; "
+    if recorded_fp is not None and recorded_fp != base.base_fingerprint():
+        raise FileFormatError(f"{folder} was made for base {recorded_fp}, not this base {base.base_fingerprint()}; "
                               f"import it onto its own base (--ckpt)")
     adapter = LoraAdapter(base, config, init=False)
     expected = {}

@@ -14,6 +14,7 @@ import time
 from h2q.chat import demo, repl
 from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, run_main
 from h2q.errors import H2QError
+from h2q.evolve import records
 from h2q.generate import generate, stream_to
 from h2q.session import InferConfig, Session
 
@@ -57,9 +58,9 @@ def main(argv=None) -> int:
     if cfg.mode == "demo":
         return demo(cfg)
     if cfg.prompt is not None and not cfg.interactive and cfg.mode == "auto":
-        one_shot(Session(cfg))
+        one_shot(Session(cfg, records.resolve_adapter))
         return 0
-    return repl(Session(cfg))
+    return repl(Session(cfg, records.resolve_adapter))
 
 
 def cli():

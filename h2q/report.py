@@ -31,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from h2q.checkpoint import STATE_FILE, atomic_write, atomic_write_text, read_tensors
+from h2q.checkpoint import ADAPTER_CONFIG_FILE as CONFIG_FILE
+from h2q.checkpoint import ADAPTER_FILE, STATE_FILE, atomic_write, atomic_write_text, read_tensors
 from h2q.errors import H2QError
 from h2q.evolve import records
 from h2q.evolve.records import read_json, read_jsonl
-from h2q.lora import ADAPTER_FILE, CONFIG_FILE, LINEARS, LoraConfig
+from h2q.lora import LINEARS, LoraConfig
 from h2q.train import TrainConfig, lr_at
 
 INSTALL_HINT = "the report draws with matplotlib, which is not installed; install it with: pip install -e .[plot]"

@@ -5,8 +5,9 @@ mode and h2q/chat.py's REPL and demo share.
   or an int8/int4 copy quantized from the kept weights by h2q/quant.py, made once per mode, so `/quant`
   never re-reads the disk); the LoRA adapter on top (h2q/lora.py, applied unmerged, so it also runs
   over a quantized base as in QLoRA). An adapter is a folder, or an agent of an evolve run named by id
-  (`a0013`) or slot number, taken from the run's newest committed cycle (h2q/evolve/records.py reads
-  the run folder) of `--run` or of the newest run under checkpoints/evolve/.
+  (`a0013`) or slot number, taken from the run's newest committed cycle of `--run` or of the newest run
+  under checkpoints/evolve/ (h2q/evolve/records.py reads the run folder; the apps hand its
+  `resolve_adapter` to the session, which itself knows only folders).
 * `Conversation`: a byte-level base model continues text, it was never taught to chat, so a
   conversation is one running document: EOT (a document starts), then per turn the user's line and a
   newline, then the model's continuation up to a blank line (or /max bytes, or EOT). `reply` prefills
@@ -26,13 +27,12 @@ from pathlib import Path
 
 import torch
 
-from h2q.checkpoint import load_model
+from h2q.checkpoint import load_adapter, load_model
 from h2q.config import check_options, option
 from h2q.errors import H2QError
-from h2q.evolve import records
 from h2q.generate import check_sampling, compiled_decoder, decode
 from h2q.kvcache import make_cache, policies, prefill
-from h2q.lora import count_bytes, load_adapter
+from h2q.lora import count_bytes
 from h2q.perf import resolve_device
 from h2q.quant import describe, model_bytes, quant_scheme, quantize
 from h2q.tokenizer import EOT, encode
@@ -76,45 +76,24 @@ class InferConfig:
         return dict(temperature=self.temperature, top_k=top_k, top_p=top_p)
 
 
-# -- adapters by folder or by agent --------------------------------------------------------------------
-def resolve_adapter(spec: str, run: str | None = None) -> tuple[Path, str] | None:
-    """'none' -> None; a folder -> (folder, its name); an agent id or slot -> (its adapter folder in the
-    newest committed cycle, 'a0013 (slot 5, cycle_012 of RUN)')."""
+# -- adapters by folder ---------------------------------------------------------------------------------
+def adapter_folder(spec: str, run: str | None = None) -> tuple[Path, str] | None:
+    """'none' -> None; a folder -> (folder, its name). The default resolver of `Session`: the apps
+    (infer.py, chat.py) pass h2q.evolve.records.resolve_adapter, which also finds evolved agents."""
     spec = spec.strip()
     if spec.lower() in ("", "none"):
         return None
-    if Path(spec).is_dir():
-        return Path(spec), spec
-    run_dir = Path(run) if run else records.newest_run()
-    if run_dir is None or not run_dir.is_dir():
-        where = run or f"{records.RUN_ROOT}/"
-        raise H2QError(f"{spec!r} is not an adapter folder, and there is no evolve run in {where} to find an "
-                        f"agent in; give a folder, or run `python evolve.py` first")
-    cycle = records.newest_cycle(run_dir)
-    agents = records.population(run_dir)
-    if spec.isdigit():
-        slot = int(spec)
-        agent_id = next((a.get("id") for a in agents if a.get("slot") == slot), None)
-    else:
-        agent_id = spec.lower()
-        slot = next((a.get("slot") for a in agents if str(a.get("id", "")).lower() == agent_id), None)
-        if slot is None:
-            alive = ", ".join(sorted(str(a.get("id")) for a in agents)[:20]) or "none listed"
-            raise H2QError(f"{spec!r} is neither an adapter folder nor a living agent of {run_dir} "
-                            f"(agents: {alive}); use an id, a slot number or a folder")
-    folder = records.agent_dir(cycle, int(slot))
-    if not folder.is_dir():
-        raise H2QError(f"no adapter for slot {slot} in {cycle}; slots there: "
-                        f"{', '.join(f'{s:02d}' for s in records.agent_dirs(cycle))}")
-    return folder, f"{agent_id or 'agent'} (slot {slot}, {cycle.name} of {run_dir})"
+    if not Path(spec).is_dir():
+        raise H2QError(f"{spec!r} is not an adapter folder")
+    return Path(spec), spec
 
 
 # -- the model in use ----------------------------------------------------------------------------------
 class Session:
     """Float weights loaded once; the variant in use (`model`), derived from them; the adapter."""
 
-    def __init__(self, cfg: InferConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: InferConfig, resolve=adapter_folder):
+        self.cfg, self.resolve = cfg, resolve  # resolve(spec, run) -> (adapter folder, label) or None
         self.device = resolve_device(cfg.device)
         self.float_model, self.metadata = load_model(cfg.ckpt, self.device)
         self.model = self.float_model
@@ -156,7 +135,7 @@ class Session:
         self.cfg.quant = mode
 
     def set_adapter(self, spec: str) -> None:
-        found = resolve_adapter(spec, self.cfg.run)
+        found = self.resolve(spec, self.cfg.run)
         if found is None:
             self.adapter, self.adapter_label = None, "none"
         else:  # fitted against the float base: a quantized copy keeps its fingerprint

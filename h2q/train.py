@@ -103,7 +103,7 @@ def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfi
 
 
 @torch.no_grad()
-def evaluate(model, split: "np.ndarray", cfg: TrainConfig, block_size: int, device, autocast, adapters=None) -> float:
+def evaluate(model, split, cfg: TrainConfig, block_size: int, device, autocast, adapters=None) -> float:
     """Mean cross-entropy (nats per byte) over evenly spaced validation windows."""
     was_training = model.training
     model.eval()

@@ -22,10 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from h2q import hf_format
-from h2q.checkpoint import fingerprint, load_model
+from h2q.checkpoint import load_adapter, load_model
 from h2q.cli import Parser, run_main
 from h2q.errors import H2QError
-from h2q.lora import load_adapter
 
 
 def export_hf(args) -> None:
@@ -34,7 +33,7 @@ def export_hf(args) -> None:
     out = hf_format.check_output(args.out, [args.ckpt], hf_format.HF_FILES, args.overwrite)
     hf_format.export_hf(model, out)
     print(f"{args.ckpt} -> {out}: LlamaForCausalLM folder ({', '.join(hf_format.HF_FILES)}), "
-          f"{model.num_params():,} parameters, fingerprint {fingerprint(model)} recorded")
+          f"{model.num_params():,} parameters, fingerprint {model.base_fingerprint()} recorded")
 
 
 def export_peft(args) -> None:
@@ -44,15 +43,15 @@ def export_peft(args) -> None:
     adapter = load_adapter(args.adapter, base)  # refuses an adapter made for another base
     if args.base_model and Path(args.base_model).is_dir():
         exported = hf_format.exported_fingerprint(args.base_model)
-        if exported != fingerprint(base):
+        if exported != base.base_fingerprint():
             held = f"base {exported}" if exported else "no h2q export"
             raise H2QError(f"--base-model {args.base_model} holds {held}, "
-                           f"not this adapter's base {fingerprint(base)}; export the base with --format hf first")
+                           f"not this adapter's base {base.base_fingerprint()}; export the base with --format hf first")
     out = hf_format.check_output(args.out, [args.adapter, args.ckpt], hf_format.PEFT_FILES, args.overwrite)
     hf_format.export_peft(adapter, base, out, args.base_model)
     c = adapter.config
     print(f"{args.adapter} -> {out}: PEFT LoRA r={c.r} alpha={c.alpha:g}{' rslora' if c.rslora else ''} on "
-          f"{','.join(c.target_names)}, base {fingerprint(base)} recorded"
+          f"{','.join(c.target_names)}, base {base.base_fingerprint()} recorded"
           + ("" if args.base_model else "; base_model_name_or_path is null: pass --base-model for AutoPeftModel"))
 
 

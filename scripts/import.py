@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from h2q import hf_format
-from h2q.checkpoint import MODEL_FILE, fingerprint, load_model, save_model
+from h2q.checkpoint import MODEL_FILE, load_model, save_adapter, save_model
 from h2q.cli import Parser, run_main
 
 
@@ -28,7 +28,7 @@ def import_hf(args) -> None:
     model, exported_fp = hf_format.import_hf(args.src)
     out = hf_format.check_output(args.out, [args.src], [MODEL_FILE], args.overwrite)
     path = save_model(out, model, imported_from="llama")
-    now = fingerprint(model)
+    now = model.base_fingerprint()
     if exported_fp is None:
         origin = "not an h2q export"
     elif exported_fp == now:
@@ -43,12 +43,12 @@ def import_peft(args) -> None:
     adapter, recorded_fp = hf_format.import_peft(args.src, base)
     # an h2q adapter folder uses PEFT's two file names
     out = hf_format.check_output(args.out, [args.src, args.ckpt], hf_format.PEFT_FILES, args.overwrite)
-    adapter.save(out, base)
+    save_adapter(out, adapter, base)
     c = adapter.config
     check = ("base checked by fingerprint" if recorded_fp else
              "no h2q base recorded: only its shape could be checked against --ckpt")
     print(f"{args.src} -> {out}: LoRA r={c.r} alpha={c.alpha:g}{' rslora' if c.rslora else ''} on "
-          f"{','.join(c.target_names)} for base {fingerprint(base)} ({check})")
+          f"{','.join(c.target_names)} for base {base.base_fingerprint()} ({check})")
 
 
 def main(argv=None) -> int:

@@ -6,8 +6,20 @@ import numpy as np
 import pytest
 
 from h2q.errors import H2QError
-from h2q.evolve import (ByteEnv, FullMapPlanner, LineEnv, OraclePolicy, RandomPolicy, ViewPlanner, World,
-                        WorldConfig, WorldEnv, evaluate_policy, obs_len, run_episode)
+from h2q.evolve import (
+    ByteEnv,
+    FullMapPlanner,
+    LineEnv,
+    OraclePolicy,
+    RandomPolicy,
+    ViewPlanner,
+    World,
+    WorldConfig,
+    WorldEnv,
+    evaluate_policy,
+    obs_len,
+    run_episode,
+)
 from h2q.evolve.world import ACTIONS
 
 GRID = WorldConfig(size=10, n_food=8, steps=40)

@@ -11,10 +11,19 @@ import pytest
 import torch
 from safetensors.torch import load, load_file, save
 
-from h2q import lora
+from h2q import checkpoint, lora
 from h2q.config import PRESETS
 from h2q.errors import H2QError
-from h2q.evolve.evolution import Agent, BreedConfig, Population, diversity, elite_count, merge_weight, next_generation, ranking
+from h2q.evolve.evolution import (
+    Agent,
+    BreedConfig,
+    Population,
+    diversity,
+    elite_count,
+    merge_weight,
+    next_generation,
+    ranking,
+)
 from h2q.evolve.grid_env import GridEnv
 from h2q.evolve.run import EvolveConfig, evolve
 from h2q.evolve.text_env import TextConfig, TextEnv
@@ -176,7 +185,7 @@ def check_run(out: Path, cycles: int, n: int, env: str = "grid"):
     config = json.loads((out / "config.json").read_text())
     assert {"strategy", "agents", "cycles", "env", "lora_rank", "seed", "base"} <= config.keys()
     for slot in range(n):
-        tensors = load_file(str(out / f"cycle_{cycles:03d}" / f"agent_{slot:02d}" / lora.ADAPTER_FILE))
+        tensors = load_file(str(out / f"cycle_{cycles:03d}" / f"agent_{slot:02d}" / checkpoint.ADAPTER_FILE))
         assert tensors and all(k.endswith((".lora_A", ".lora_B")) for k in tensors)
     return records
 
@@ -249,7 +258,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     for name in ("population.json", "evolution_stats.json"):
         assert (tmp_path / "a" / name).read_text() == (b / name).read_text()
     for slot in range(4):  # bit for bit (the files' bytes are not: safetensors orders metadata by hash)
-        name = Path("cycle_002") / f"agent_{slot:02d}" / lora.ADAPTER_FILE
+        name = Path("cycle_002") / f"agent_{slot:02d}" / checkpoint.ADAPTER_FILE
         straight, resumed = load_file(str(tmp_path / "a" / name)), load_file(str(b / name))
         assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 

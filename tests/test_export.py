@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from h2q import hf_format
-from h2q.checkpoint import fingerprint, load_model, save_model
+from h2q.checkpoint import load_adapter, load_model, save_adapter, save_model
 from h2q.cli import run_main
 from h2q.config import ModelConfig
 from h2q.errors import FileFormatError
-from h2q.lora import LoraAdapter, LoraConfig, load_adapter
+from h2q.lora import LoraAdapter, LoraConfig
 from h2q.model import Rotary, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_hf_folder_matches_the_published_schema(tmp_path, base, capsys):
     assert tensors["model.layers.1.mlp.gate_proj.weight"].shape == (96, 32)
     assert tensors["model.layers.1.mlp.down_proj.weight"].shape == (32, 96)
     meta = metadata_of(out / "model.safetensors")
-    assert meta["format"] == "pt" and meta["h2q_fingerprint"] == fingerprint(base)
+    assert meta["format"] == "pt" and meta["h2q_fingerprint"] == base.base_fingerprint()
     assert json.loads((out / "config.json").read_text()) == HF_CONFIG
     assert json.loads((out / "generation_config.json").read_text()) == GENERATION_CONFIG
     readme = (out / "README.md").read_text()
@@ -131,7 +131,8 @@ def test_hf_folder_matches_the_published_schema(tmp_path, base, capsys):
 
 
 def test_peft_folder_matches_the_published_schema(tmp_path, base):
-    make_adapter(base, LoraConfig(r=4, alpha=8.0, targets="q_proj,v_proj,down_proj")).save(tmp_path / "lora", base)
+    adapter = make_adapter(base, LoraConfig(r=4, alpha=8.0, targets="q_proj,v_proj,down_proj"))
+    save_adapter(tmp_path / "lora", adapter, base)
     assert export("--format", "peft", "--adapter", tmp_path / "lora", "--ckpt", tmp_path / "base",
                   "--base-model", "export/base-hf", "--out", tmp_path / "peft") == 0
     tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
@@ -139,7 +140,7 @@ def test_peft_folder_matches_the_published_schema(tmp_path, base):
     assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 96)  # (r, in)
     assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (32, 4)  # (out, r)
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text()) == PEFT_CONFIG
-    assert metadata_of(tmp_path / "peft" / "adapter_model.safetensors")["h2q_base_fingerprint"] == fingerprint(base)
+    assert metadata_of(tmp_path / "peft" / "adapter_model.safetensors")["h2q_base_fingerprint"] == base.base_fingerprint()
 
 
 # -- HF's formulas, written out plainly --------------------------------------------------------------
@@ -213,7 +214,7 @@ def naive_llama_forward(folder, ids, peft_folder=None):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_naive_hf_forward_over_the_export_equals_h2q(tmp_path, base, ids, rslora):
     adapter = make_adapter(base, LoraConfig(r=4, alpha=8.0, rslora=rslora))
-    adapter.save(tmp_path / "lora", base)
+    save_adapter(tmp_path / "lora", adapter, base)
     assert export("--format", "hf", "--ckpt", tmp_path / "base", "--out", tmp_path / "hf") == 0
     assert export("--format", "peft", "--adapter", tmp_path / "lora", "--ckpt", tmp_path / "base",
                   "--out", tmp_path / "peft") == 0
@@ -229,7 +230,7 @@ def test_hf_round_trip_gives_identical_logits(tmp_path, base, ids, capsys):
     assert import_("--format", "hf", "--src", tmp_path / "hf", "--out", tmp_path / "back") == 0
     assert "the exported model, unchanged" in capsys.readouterr().out
     back, _ = load_model(tmp_path / "back")
-    assert back.config == base.config and fingerprint(back) == fingerprint(base)
+    assert back.config == base.config and back.base_fingerprint() == base.base_fingerprint()
     with torch.no_grad():
         assert torch.equal(back(ids), base(ids))
 
@@ -251,7 +252,7 @@ def test_hf_import_reads_a_sharded_folder(tmp_path, base, ids):
 def test_peft_round_trip_of_an_evolved_agent(tmp_path, base, ids, capsys):
     agent = tmp_path / "evolve" / "cycle_003" / "agent_07"  # an evolve run keeps normal adapter folders
     adapter = make_adapter(base, LoraConfig(r=2, alpha=4.0, targets="k_proj,o_proj,up_proj", rslora=True))
-    adapter.save(agent, base)
+    save_adapter(agent, adapter, base)
     assert export("--format", "hf", "--ckpt", tmp_path / "base", "--out", tmp_path / "hf") == 0
     assert export("--format", "peft", "--adapter", agent, "--ckpt", tmp_path / "base",
                   "--base-model", tmp_path / "hf", "--out", tmp_path / "peft") == 0
@@ -268,14 +269,14 @@ def test_peft_round_trip_of_an_evolved_agent(tmp_path, base, ids, capsys):
 
 
 def test_peft_import_needs_its_own_base(tmp_path, base, capsys):
-    make_adapter(base, LoraConfig(r=4)).save(tmp_path / "lora", base)
+    save_adapter(tmp_path / "lora", make_adapter(base, LoraConfig(r=4)), base)
     assert export("--format", "peft", "--adapter", tmp_path / "lora", "--ckpt", tmp_path / "base",
                   "--out", tmp_path / "peft") == 0
     save_model(tmp_path / "other", make_base(seed=5))  # same shape, other weights
     assert import_("--format", "peft", "--src", tmp_path / "peft", "--ckpt", tmp_path / "other",
                    "--out", tmp_path / "back") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"made for base {fingerprint(base)}" in err
+    assert err.count("\n") == 1 and f"made for base {base.base_fingerprint()}" in err
     assert not (tmp_path / "back").exists()
 
 
@@ -283,7 +284,7 @@ def test_peft_folder_from_elsewhere(tmp_path, base, ids, capsys):
     """A PEFT folder h2q did not write: no h2q metadata, a hub name as base; only its shape is checked.
     Options beyond a plain LoRA (DoRA here) are refused."""
     adapter = make_adapter(base, LoraConfig(r=4, alpha=8.0, targets="q_proj,v_proj,down_proj"))
-    adapter.save(tmp_path / "lora", base)
+    save_adapter(tmp_path / "lora", adapter, base)
     assert export("--format", "peft", "--adapter", tmp_path / "lora", "--ckpt", tmp_path / "base",
                   "--out", tmp_path / "peft") == 0
     foreign = tmp_path / "foreign"

@@ -13,16 +13,17 @@ import pytest
 import torch
 
 from h2q import generate, infer
-from h2q.checkpoint import save_model, save_tensors
+from h2q.checkpoint import save_adapter, save_model, save_tensors
 from h2q.cli import run_main
 from h2q.config import PRESETS
 from h2q.errors import H2QError
 from h2q.evolve import records
+from h2q.evolve.records import resolve_adapter
 from h2q.generate import stream_to
 from h2q.infer import one_shot
 from h2q.lora import LoraAdapter, LoraConfig
 from h2q.model import Transformer
-from h2q.session import Conversation, InferConfig, Session, resolve_adapter
+from h2q.session import Conversation, InferConfig, Session
 from h2q.tokenizer import EOT, encode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def ckpt(tmp_path_factory):
         with torch.no_grad():
             for b in adapter.lora_B:
                 b.normal_(0, 0.5, generator=torch.Generator().manual_seed(10 + i))
-        adapter.save(folder, model)
+        save_adapter(folder, adapter, model)
     (root / "run" / "cycle_001").mkdir()
     agents = [{"id": "a0003", "slot": 1, "rank": 2, "fitness": [-1.0, -2.5]},
               {"id": "a0007", "slot": 0, "rank": 2, "fitness": [-1.5]}]
@@ -70,7 +71,7 @@ def run_infer(*args, stdin: str | bytes = b"", script=("infer.py",)):
 
 
 def session(ckpt, **kw):
-    return Session(InferConfig(ckpt=str(ckpt / "base"), device="cpu", **{"seed": 0, **kw}))
+    return Session(InferConfig(ckpt=str(ckpt / "base"), device="cpu", **{"seed": 0, **kw}), resolve_adapter)
 
 
 def scripted_sampler(text: str):

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from h2q import lora
-from h2q.checkpoint import atomic_write_json, save_tensors
+from h2q.checkpoint import atomic_write_json, save_adapter, save_tensors
 from h2q.config import PRESETS
 from h2q.errors import H2QError
 from h2q.evolve import records as run_records
+from h2q.evolve.evolution import mutate
 from h2q.model import Transformer
 from h2q.report import adapter_norms, detect_kind, read_jsonl, write_report
 from h2q.train import TrainConfig, train
@@ -73,11 +74,11 @@ def make_evolve_run(out: Path, env: str = "grid") -> dict[str, lora.LoraAdapter]
         last = {}
         for agent in agents:
             adapter = lora.LoraAdapter(base, lora.LoraConfig(r=2, alpha=4.0), generator=generator)
-            adapter = lora.mutate(adapter, 0.5, generator)
+            adapter = mutate(adapter, 0.5, generator)
             with torch.no_grad():  # each agent leans on one module, as specialists would
                 adapter.lora_B[agent["slot"] * 3].mul_(20.0)
             name = f"agent_{agent['slot']:02d}"
-            adapter.save(out / f"cycle_{cycle:03d}" / name, base)
+            save_adapter(out / f"cycle_{cycle:03d}" / name, adapter, base)
             last[name] = adapter
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     atomic_write_json(out / "evolution_stats.json", {"total_evolution_cycles": 2, "successful_cycles": 2,

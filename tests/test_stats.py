@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 from h2q.errors import H2QError
-from h2q.evolve.stats import (area_under_curve, improvement_ci, iqm, normalise, probability_of_improvement,
-                              stratified_bootstrap_ci)
+from h2q.evolve.stats import (
+    area_under_curve,
+    improvement_ci,
+    iqm,
+    normalise,
+    probability_of_improvement,
+    stratified_bootstrap_ci,
+)
 
 
 def test_iqm_is_the_mean_of_the_middle_half():

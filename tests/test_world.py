@@ -5,11 +5,24 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from h2q.evolve import (ACTIONS, OBS_LEN, FullMapPlanner, OraclePolicy, RandomPolicy, ViewPlanner, World,
-                        WorldConfig, WorldEnv, evaluate_policy, run_episode, same_view_planner, score_baselines)
+from h2q.errors import ConfigError
+from h2q.evolve import (
+    ACTIONS,
+    OBS_LEN,
+    FullMapPlanner,
+    OraclePolicy,
+    RandomPolicy,
+    ViewPlanner,
+    World,
+    WorldConfig,
+    WorldEnv,
+    evaluate_policy,
+    run_episode,
+    same_view_planner,
+    score_baselines,
+)
 from h2q.evolve.planners import BASELINES
 from h2q.evolve.stats import normalise
-from h2q.errors import ConfigError
 from h2q.evolve.world import DROP, EAT, MOVE_E, MOVE_N, MOVE_S, MOVE_W, PICK, WAIT, obs_len, render_text
 
 CFG = WorldConfig(size=10, n_food=8, steps=60)

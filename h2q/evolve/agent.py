@@ -149,7 +149,7 @@ class AgentPolicy:
 
     # ---- memory ----------------------------------------------------------------------------------
     def _new_memory_cache(self):
-        K, cfg = self.cfg.memory, self.model.config
+        cfg = self.model.config
         if self.cfg.kv == "window":
             cache = make_cache("window", cfg, self.n, self.prefix_len + self.context_width, self.device,
                                self.dtype, sinks=self.prefix_len)

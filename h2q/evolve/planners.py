@@ -30,8 +30,23 @@ import numpy as np
 
 from h2q.errors import H2QError
 from h2q.evolve.env import run_episode
-from h2q.evolve.world import (ACTIONS, COL_CARRY, COL_ENERGY, COL_TARGET, COL_WALLS, DROP, EAT, MOVES,
-                              N_ACTIONS, NEIGHBOURS, PICK, UNREACHED, VIEW_WINDOW, WorldConfig, WorldEnv)
+from h2q.evolve.world import (
+    ACTIONS,
+    COL_CARRY,
+    COL_ENERGY,
+    COL_TARGET,
+    COL_WALLS,
+    DROP,
+    EAT,
+    MOVES,
+    N_ACTIONS,
+    NEIGHBOURS,
+    PICK,
+    UNREACHED,
+    VIEW_WINDOW,
+    WorldConfig,
+    WorldEnv,
+)
 
 LETTER_TO_MOVE = np.full(256, -1, dtype=np.int64)  # compass/path letter byte -> move index (N S E W)
 LETTER_TO_MOVE[list(ACTIONS[:4])] = np.arange(4)

@@ -91,7 +91,7 @@ def save_cycle(out: Path, cycle: int, population: Population, model, keep_cycles
     """cycle_NNN/agent_MM/ adapters (each at its agent's rank) and population.json, as evaluated."""
     folder = cycle_dir(out, cycle)
     for slot in range(population.n):
-        population.adapter(slot).save(agent_dir(folder, slot), model)
+        checkpoint.save_adapter(agent_dir(folder, slot), population.adapter(slot), model)
     checkpoint.atomic_write_json(out / POPULATION, population.to_json(cycle))
     if keep_cycles:
         for old in range(1, cycle - keep_cycles + 1):
@@ -282,3 +282,35 @@ def read_stats(out: Path) -> dict:
 def read_config(out: Path) -> dict:
     """The run's settings (config.json), {} when missing."""
     return read_json(out / CONFIG) if (out / CONFIG).is_file() else {}
+
+
+def resolve_adapter(spec: str, run: str | None = None) -> tuple[Path, str] | None:
+    """'none' -> None; a folder -> (folder, its name); an agent id or slot -> (its adapter folder in the
+    newest committed cycle, 'a0013 (slot 5, cycle_012 of RUN)')."""
+    spec = spec.strip()
+    if spec.lower() in ("", "none"):
+        return None
+    if Path(spec).is_dir():
+        return Path(spec), spec
+    run_dir = Path(run) if run else newest_run()
+    if run_dir is None or not run_dir.is_dir():
+        where = run or f"{RUN_ROOT}/"
+        raise H2QError(f"{spec!r} is not an adapter folder, and there is no evolve run in {where} to find an "
+                        f"agent in; give a folder, or run `python evolve.py` first")
+    cycle = newest_cycle(run_dir)
+    agents = population(run_dir)
+    if spec.isdigit():
+        slot = int(spec)
+        agent_id = next((a.get("id") for a in agents if a.get("slot") == slot), None)
+    else:
+        agent_id = spec.lower()
+        slot = next((a.get("slot") for a in agents if str(a.get("id", "")).lower() == agent_id), None)
+        if slot is None:
+            alive = ", ".join(sorted(str(a.get("id")) for a in agents)[:20]) or "none listed"
+            raise H2QError(f"{spec!r} is neither an adapter folder nor a living agent of {run_dir} "
+                            f"(agents: {alive}); use an id, a slot number or a folder")
+    folder = agent_dir(cycle, int(slot))
+    if not folder.is_dir():
+        raise H2QError(f"no adapter for slot {slot} in {cycle}; slots there: "
+                        f"{', '.join(f'{s:02d}' for s in agent_dirs(cycle))}")
+    return folder, f"{agent_id or 'agent'} (slot {slot}, {cycle.name} of {run_dir})"

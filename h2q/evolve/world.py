@@ -84,8 +84,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from h2q.config import check_options, option
-from h2q.evolve.env import ByteEnv
 from h2q.errors import ConfigError
+from h2q.evolve.env import ByteEnv
 
 ACTIONS = b"NSEWPDFZ"
 N_ACTIONS = len(ACTIONS)
