@@ -293,6 +293,7 @@ def test_default_corpus_split_on_a_small_subset(tmp_path, monkeypatch):
     assert len(split_docs(corpus.train)) + len(split_docs(corpus.val)) == 40
 
 
+@pytest.mark.slow
 def test_prepare_script(tmp_path):
     src = tmp_path / "src"
     write_docs(src, 3, size=5000)

@@ -190,6 +190,7 @@ def check_run(out: Path, cycles: int, n: int, env: str = "grid"):
     return records
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--strategy", "hybrid", "--adaptive-rank", "--pbt", "--quant", "int8"],
                                    ["--strategy", "evolution", "--crossover", "layer"],
                                    ["--strategy", "gradient", "--pbt"],
@@ -204,6 +205,7 @@ def test_cli_every_strategy_air_gapped(tmp_path, extra):
     assert ("--report" in extra) == (out / "report" / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_cli_text_env(text_dir, tmp_path):
     out = tmp_path / "run"
     result = run_script([str(ROOT / "evolve.py"), "--env", "text", "--data-dir", str(text_dir), "--data-root",
@@ -216,6 +218,7 @@ def test_cli_text_env(text_dir, tmp_path):
     assert all(r["best"] == pytest.approx(-r["best_bpb"]) and r["base_bpb"] > 0 for r in records)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     result = run_script([str(ROOT / "evolve.py"), "--base", str(tmp_path / "none"), "--cycles", "1"], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -289,6 +292,7 @@ def test_text_env_state_resumes_bit_for_bit(text_dir, tmp_path):
     assert first.state_tensors()["steps"].tolist() == [6, 3, 6]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     result = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "evolve.py"),

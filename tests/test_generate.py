@@ -92,6 +92,7 @@ def test_decode_loop_continues_a_kept_cache(model):
     assert other == greedy_by_recompute(model, prompt + ids[:9] + [ord("x")], 1)[0]
 
 
+@pytest.mark.slow
 def test_imports_leave_the_warning_filters_alone():
     """torch and numpy set their own filters when imported; h2q's modules add none."""
     code = ("import warnings, numpy, safetensors.torch, torch, tqdm; before = list(warnings.filters); "
@@ -102,6 +103,7 @@ def test_imports_leave_the_warning_filters_alone():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_compiled_decoding_equals_eager(model):
     prompts = [b"twenty agents decide", b"a", bytes(range(40, 75))]
     stop = [generate_batch(model, prompts, 12, temperature=0, stop=())[1][4]]  # rows stop: pad masks
@@ -133,6 +135,7 @@ def test_every_policy_generates(model, policy):
     assert len(out) == 20 and all(0 <= t <= tokenizer.EOT for t in out)
 
 
+@pytest.mark.slow
 def test_window_streams_4x_context_in_fixed_memory(model):
     """256 new tokens from a 64-token model: positions stay inside the window, memory is flat."""
     cache = make_cache("window", CFG, 1, CFG.context_len)

@@ -102,6 +102,7 @@ class Chunks:
         return False
 
 
+@pytest.mark.slow
 def test_one_shot_is_reproducible_with_a_seed(ckpt):
     args = ("--ckpt", str(ckpt / "base"), "--prompt", "The ", "--max-new-tokens", "24", "--seed", "7",
             "--top-k", "50", "--device", "cpu")
@@ -112,6 +113,7 @@ def test_one_shot_is_reproducible_with_a_seed(ckpt):
     assert "bytes/s" in first.stderr and "bytes/s" not in first.stdout  # figures on stderr only
 
 
+@pytest.mark.slow
 def test_repl_through_a_pipe(ckpt):
     commands = ["/help", "hello there", "/temp 0.5", "/temp abc", "/topk -3", "/topp 2", "/max 12", "/seed 3",
                 "/frobnicate", "/quant int8", "and again", "/quant int4", "/kv window", "", "/kv nope",
@@ -233,6 +235,7 @@ def test_agents_come_from_the_newest_committed_cycle(ckpt, tmp_path):
     assert records.newest_run(tmp_path) == run
 
 
+@pytest.mark.slow
 def test_demo_runs_and_shows_tables_and_agents(ckpt):
     result = run_infer("--ckpt", str(ckpt / "base"), "--mode", "demo", "--max-new-tokens", "12",
                        "--group-size", "32", "--run", str(ckpt / "run"), "--device", "cpu")
@@ -250,6 +253,7 @@ def test_no_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
     assert out == "" and err.count("\n") == 1 and "python train.py" in err
 
 
+@pytest.mark.slow
 def test_air_gapped_one_shot(ckpt):
     result = run_infer("infer.py", "--ckpt", str(ckpt / "base"), "--prompt", "air gap", "--max-new-tokens", "8",
                        "--seed", "0", "--kv", "int8", "--quant", "int8", "--device", "cpu",
@@ -273,6 +277,7 @@ def test_quant_switches_come_from_the_kept_float_weights(ckpt, monkeypatch):
     assert all(torch.equal(v, before[k]) for k, v in s.float_model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_compile_covers_float_weights_only(ckpt):
     s = session(ckpt, compile=True)
     assert s.compiled and s.decoder is not s.model and "decode compiled" in s.weights_label()

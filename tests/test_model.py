@@ -106,6 +106,7 @@ def test_logits_shape_and_config_roundtrip():
     assert model.flops_per_token() > 6 * model.num_params()
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_short_text():
     """Learning really works: a tiny model memorises a short text to below 0.2 bits per byte."""
     torch.manual_seed(0)

@@ -100,6 +100,7 @@ def run_script(args, **kw):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_training_run_report(text_dir, tmp_path):
     run = tmp_path / "run"
     train(TrainConfig(data_dir=str(text_dir), data_root=str(tmp_path / "prepared"), out=str(run), preset="tiny",
@@ -113,6 +114,7 @@ def test_training_run_report(text_dir, tmp_path):
     assert "Training config" in page and "val_bpb" in page
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", ["grid", "text"])
 def test_evolve_run_report(tmp_path, env):
     make_evolve_run(tmp_path / "evolve", env)
@@ -124,6 +126,7 @@ def test_evolve_run_report(tmp_path, env):
     assert "cycle_002" in page and "Run config" in page and "best_agent" in page
 
 
+@pytest.mark.slow
 def test_evolve_report_shows_committed_cycles_only(tmp_path):
     """What a run leaves while it writes cycle 3 (its adapters, population.json, a metrics record, all
     before the commit point) stays out of the report; once committed, cycle 3 is in."""
@@ -156,6 +159,7 @@ def test_adapter_norms_are_the_update_norms(tmp_path):
             assert value == pytest.approx(torch.linalg.matrix_norm(adapter.delta(key)).item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_script_runs_air_gapped(tmp_path):
     make_evolve_run(tmp_path / "evolve")
     result = run_script([str(ROOT / "tests" / "airgap.py"), str(ROOT / "scripts" / "report.py"), str(tmp_path / "evolve")])
@@ -164,6 +168,7 @@ def test_script_runs_air_gapped(tmp_path):
     assert str(tmp_path / "evolve" / "report" / "report.html") in result.stdout
 
 
+@pytest.mark.slow
 def test_without_matplotlib_one_line_install_hint(tmp_path):
     """h2q.report imports without matplotlib (else a traceback, exit 1) and the command says how to
     install it."""
@@ -192,6 +197,7 @@ def test_bad_run_folder_is_one_clear_line(tmp_path, layout):
         write_report(run)
 
 
+@pytest.mark.slow
 def test_script_bad_folder_gives_one_line(tmp_path):
     result = run_script([str(ROOT / "scripts" / "report.py"), str(tmp_path / "nope")])
     assert result.returncode == 2

@@ -56,6 +56,7 @@ def run_script(args, cwd, **kw):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_cli_bad_input_gives_one_line(tmp_path):
     result = run_script([str(ROOT / "train.py"), "--data-dir", str(tmp_path / "nope"), "--preset", "tiny"], tmp_path)
     assert result.returncode == 2
@@ -65,6 +66,7 @@ def test_cli_bad_input_gives_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_train_script_air_gapped(text_dir, tmp_path):
     """The whole entry point runs with every socket connection made to fail."""
     out = tmp_path / "ckpt"
@@ -76,6 +78,7 @@ def test_train_script_air_gapped(text_dir, tmp_path):
     assert (out / "model.safetensors").exists() and "bits/byte" in result.stdout
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(text_dir, tmp_path):
     out = tmp_path / "ddp"
     result = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
@@ -89,6 +92,7 @@ def test_torchrun_two_processes(text_dir, tmp_path):
     assert not torch.equal(state["rng.sampler.0"], state["rng.sampler.1"])  # each rank its own batches
 
 
+@pytest.mark.slow
 def test_lora_finetune_trains_only_the_adapter(text_dir, tmp_path):
     """--init-from BASE --lora-rank R: the base file is untouched, the adapter learns and resumes exactly."""
     base_dir = tmp_path / "base"

@@ -311,6 +311,7 @@ def test_view_planner_reads_only_the_observation():
     assert full == [MOVE_E, MOVE_S]
 
 
+@pytest.mark.slow
 def test_planners_order_on_the_view_level():
     cfg = replace(VIEW, n_food=8, steps=80)
     scores = score_baselines(cfg, seeds=range(4), crowd=4, alone=2)

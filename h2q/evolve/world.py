@@ -400,10 +400,6 @@ class World:
         self.t += 1
         return rewards
 
-    @property
-    def done(self) -> bool:
-        return self.t >= self.cfg.steps or not self.alive.any()
-
     def as_env(self, steps: int | None = None) -> WorldEnv:
         """This world, from where it stands, behind the env interface (episodes of `steps` ticks)."""
         return WorldEnv.around(self, steps)
