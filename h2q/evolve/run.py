@@ -43,7 +43,9 @@ from h2q.config import PRESETS, check_options, option
 from h2q.errors import H2QError
 from h2q.evolve import records
 from h2q.evolve.evolution import LEARNS, BreedConfig, Evaluation, Population, diversity, next_generation
-from h2q.evolve.text_env import TextConfig
+from h2q.evolve.grid_env import FITNESS, AgentKnobs, GridEnv
+from h2q.evolve.text_env import TextConfig, TextEnv
+from h2q.evolve.world import Renderer, WorldConfig
 from h2q.lora import AdapterBank, LoraConfig, freeze_base
 from h2q.model import Transformer
 
@@ -70,6 +72,12 @@ class EvolveConfig:
     lr: float = option(2e-3, "learning rate of the adapters (each agent's starting one under --pbt)", above=0,
                        at_most=10)
     temperature: float = option(1.0, "grid: the agents' sampling temperature (one for all)", above=0, at_most=100)
+    world: str = option("hinted", "grid: the world level: hinted (the next step is in the text) or view (an "
+                        "egocentric window and a home compass, no path: agents must learn to see)",
+                        choices=["hinted", "view"])
+    window: int = option(5, "grid, view level: the side of each agent's window of cells (odd)", at_least=3, at_most=9)
+    fitness: str = option("food", "grid: what selection ranks agents by: food (delivered per step, plus a small "
+                          "survival term) or return (the shaped reward of learning)", choices=list(FITNESS))
     quant: str = option("none", "quantize the base in memory", choices=["none", "int8", "int4"])
     memory: int = option(0, "grid: past (observation, action) lines each agent keeps in its KV cache", at_least=0)
     kv: str = option("window", "grid: KV-cache policy of that memory", choices=["window", "full", "int8"])
@@ -178,7 +186,7 @@ class Runner:
         init = torch.Generator().manual_seed(seed_for(cfg.seed, 0, "init"))
         self.population = Population.initial(self.model.config, lora_config, cfg.agents, breed.bank_rank(cfg.lora_rank),
                                              cfg.lr, cfg.temperature, breed.mutation_rate, init,
-                                             meta=breed.strategy == "meta").to(self.device)
+                                             meta=breed.strategy == "meta", es=self._es_options()).to(self.device)
         self.lo, self.hi = self.group.share(cfg.agents)
         bank = self.population.bank
         self.local = bank if self.group.size == 1 else \
@@ -194,16 +202,20 @@ class Runner:
         elif self.lead:
             records.start_fresh(self.out, self.config)
 
+    def _es_options(self) -> dict | None:
+        b = self.breed
+        if b.strategy != "evolution":
+            return None
+        return {"dim": b.es_dim, "sigma": b.es_sigma, "lr": b.es_lr, "seed": seed_for(self.cfg.seed, 0, "init")}
+
     def _make_env(self, text: TextConfig):
         if self.cfg.env == "text":
-            from h2q.evolve.text_env import TextEnv
             return TextEnv(self.model, self.local, text, self.device, log=print if self.lead else (lambda *a, **k: None))
-        from h2q.evolve.grid_env import AgentKnobs, GridEnv
-        from h2q.evolve.world import Renderer, WorldConfig
         cfg = self.cfg
         render = Renderer() if cfg.render and self.lead else None
-        knobs = AgentKnobs(lr=cfg.lr, temperature=cfg.temperature, memory=cfg.memory, kv=cfg.kv)
-        return GridEnv(self.model, self.local, WorldConfig(steps=cfg.life_steps), cfg.eval_episodes, knobs, render)
+        knobs = AgentKnobs(lr=cfg.lr, temperature=cfg.temperature, memory=cfg.memory, kv=cfg.kv, fitness=cfg.fitness)
+        world = WorldConfig(steps=cfg.life_steps, level=cfg.world, window=cfg.window)
+        return GridEnv(self.model, self.local, world, cfg.eval_episodes, knobs, render)
 
     # -- moving agents between the shared bank and this process's ------------------------------------
     def _pull(self) -> None:
@@ -232,7 +244,9 @@ class Runner:
 
         totals = {k: total(v) for k, v in ev.totals.items()}
         refs = {k: total(v * share) for k, v in ev.references.items()}
-        return Evaluation(self._gather(ev.fitness), {k: self._gather(v) for k, v in ev.per_agent.items()}, totals, refs)
+        per_agent = {k: self._gather(v) for k, v in ev.per_agent.items()}
+        # figures and files stay this process's own (the lead's: its share of the agents)
+        return Evaluation(self._gather(ev.fitness), per_agent, totals, refs, ev.figures, ev.files)
 
     # -- one cycle -------------------------------------------------------------------------------------
     def cycle(self, c: int) -> dict | None:
@@ -253,17 +267,21 @@ class Runner:
         if self.lead:
             pop.record_fitness(ev.fitness)
             records.save_cycle(self.out, c, pop, self.model, cfg.keep_cycles)
+            for name, content in ev.files.items():
+                checkpoint.atomic_write_json(records.cycle_dir(self.out, c) / name, content)
             spread = diversity(pop.bank)
             previous = self.history[-1]["best"] if self.history else None
-            self.history.append({"cycle": c, "best": float(ev.fitness.max()),
-                                 "agent": pop.agents[int(np.argmax(ev.fitness))].id})
+            best_slot = int(np.argmax(ev.fitness))
+            self.history.append({"cycle": c, "best": float(ev.fitness.max()), "agent": pop.agents[best_slot].id})
             breeding = torch.Generator().manual_seed(seed_for(cfg.seed, c, "breed"))
             rng = np.random.default_rng(seed_for(cfg.seed, c, "breed"))
             replaced = next_generation(pop, ev.fitness, self.breed, c, breeding, rng, self.env.per_agent_temperature)
             record = records.metrics_record(c, ev, life, previous, diversity=spread,
                                             mean_rank=float(np.mean([a.rank for a in pop.agents])), **phases,
                                             wall_s=round(time.perf_counter() - start, 3),
-                                            strategy=self.breed.strategy, env=cfg.env)
+                                            strategy=self.breed.strategy, env=cfg.env, best_slot=best_slot,
+                                            best_agent=self.history[-1]["agent"], **ev.figures,
+                                            **(pop.es.last if pop.es is not None else {}))
             records.append_metrics(self.out, record)
             checkpoint.atomic_write_json(self.out / "evolution_stats.json", records.evolution_stats(self.history))
         self._share_population(replaced)
