@@ -43,10 +43,12 @@ class HelpFormatter(argparse.HelpFormatter):
         return "\n\n".join(paragraphs)
 
 
-def examples_text(examples) -> str:
+def examples_text(examples, width: int = 78) -> str:
     """The closing section of --help: each (command, what it does) as the command, then its purpose
-    indented under it."""
-    return "examples:\n" + "\n".join(f"  {command}\n      {purpose}" for command, purpose in examples)
+    indented and wrapped under it."""
+    return "examples:\n" + "\n".join(f"  {command}\n" + textwrap.fill(purpose, width, initial_indent=" " * 6,
+                                                                       subsequent_indent=" " * 6)
+                                     for command, purpose in examples)
 
 
 class Parser(argparse.ArgumentParser):
