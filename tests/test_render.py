@@ -96,12 +96,11 @@ def test_renderer_redraws_in_the_alternate_screen():
 
 def test_renderer_restores_the_screen_on_an_exception_and_keeps_logged_lines():
     out = io.StringIO()
-    with pytest.raises(KeyboardInterrupt):
-        with Renderer(fps=0, stream=out, ansi=True) as renderer:
-            renderer.log("cycle 1/5 | best 0.0100")
-            run_renderer(renderer)
-            assert "cycle 1/5 | best 0.0100" in out.getvalue().split(HOME)[-1]  # shown under the frame
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), Renderer(fps=0, stream=out, ansi=True) as renderer:
+        renderer.log("cycle 1/5 | best 0.0100")
+        run_renderer(renderer)
+        assert "cycle 1/5 | best 0.0100" in out.getvalue().split(HOME)[-1]  # shown under the frame
+        raise KeyboardInterrupt
     assert out.getvalue().endswith(LEAVE + "cycle 1/5 | best 0.0100\n")
 
 

@@ -28,6 +28,7 @@ import atexit
 import shutil
 import sys
 import time
+from typing import Self
 
 import numpy as np
 
@@ -88,8 +89,8 @@ def _map_rows(world, color: bool) -> list[str]:
 
 
 def _legend(world, follow: int | None, color: bool) -> list[str]:
-    lines = [f"{_paint(WALL, STYLE[WALL], color)} wall    {_paint(FOOD, STYLE[FOOD], color)} food    "
-             f"{_paint(HOME_CELL, STYLE[HOME_CELL], color)} home",
+    lines = [(f"{_paint(WALL, STYLE[WALL], color)} wall    {_paint(FOOD, STYLE[FOOD], color)} food    "
+              f"{_paint(HOME_CELL, STYLE[HOME_CELL], color)} home"),
              f"{_paint(' 7', STYLE['agent'], color)} agent in slot 7"
              + (f" (a = 10 .. {glyph(world.n - 1)} = {world.n - 1})" if world.n > 10 else ""),
              f"{_paint('+7', STYLE['carrying'], color)} agent 7 carrying food home",
@@ -127,8 +128,8 @@ def frame_lines(world, title: str | None = None, follow: int | None = None, colo
     body = [(rows[k] if k < len(rows) else " " * width) + ("   " + side[k] if k < len(side) else "")
             for k in range(max(len(rows), len(side)))]
     lines = [title or header(world),
-             f"delivered {int(world.delivered.sum())}  alive {int(world.alive.sum())}/{world.n}  "
-             f"food on the map {int(world.food.sum())}",
+             (f"delivered {int(world.delivered.sum())}  alive {int(world.alive.sum())}/{world.n}  "
+              f"food on the map {int(world.food.sum())}"),
              *body, *_status(world), *log]
     return [line.rstrip() for line in lines]
 
@@ -168,8 +169,8 @@ class Renderer:
         """A phase begins: `phase` is "live" or "eval" (episode k of `episodes`, from 1). The header
         changes at once, before the phase's first tick."""
         self._count_episodes = phase == "eval" and episode is None
-        self._phase = dict(cycle=cycle, cycles=cycles, phase=phase, episode=1 if self._count_episodes else episode,
-                           episodes=episodes)
+        self._phase = {"cycle": cycle, "cycles": cycles, "phase": phase,
+                       "episode": 1 if self._count_episodes else episode, "episodes": episodes}
         self._world, self._last = None, -np.inf  # the phase's first frame is drawn at once
         if self._active:
             self._write(HOME + header(None, **self._phase) + ERASE_LINE)
@@ -213,7 +214,7 @@ class Renderer:
             atexit.unregister(self.close)
             self._write(LEAVE + "".join(line + "\n" for line in self.lines))
 
-    def __enter__(self) -> Renderer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -453,4 +453,4 @@ class WorldEnv(ByteEnv):
 
 
 # ---- terminal view: moved to h2q/evolve/render.py; importable from here until callers switch --------
-from h2q.evolve.render import Renderer, render_text  # noqa: E402, F401
+from h2q.evolve.render import Renderer, render_text  # noqa: F401
