@@ -17,8 +17,8 @@ Each page opens with a headline of the few numbers that matter, and labels every
   cycle; the world (cycle_NNN/world.json) with one agent's trajectory and every agent's visits; the
   lineage tree labelled with agent ids; each agent's update norm ||s B@A||_F per layer and module.
 * arms (a folder whose subfolders are evolve runs, or folders of them, one per seed): the IQM of the
-  normalised score (metrics' `normalised`: 0 = random, 1 = oracle, one value per held-out world
-  seed) against cycles, one line per arm with its 95 % stratified-bootstrap band (rliable's method,
+  normalised score (`normalised` in a run's heldout.jsonl, as scripts/bench_evolve.py scores it, or
+  in its metrics: 0 = random, 1 = oracle, one value per held-out world seed) against cycles, one line per arm with its 95 % stratified-bootstrap band (rliable's method,
   h2q/evolve/stats.py), and a table of the arms.
 
 Matplotlib is an optional extra (`pip install -e .[plot]`), imported only inside the functions that
@@ -51,6 +51,7 @@ LN2 = math.log(2)
 ACTION_NAMES = {"N": "N: move north", "S": "S: move south", "E": "E: move east", "W": "W: move west",
                 "P": "P: pick up food", "D": "D: drop food at home", "F": "F: eat carried food", "Z": "Z: wait"}
 WORLD_FILE, SAMPLES_FILE = "world.json", "samples.jsonl"
+HELDOUT = "heldout.jsonl"  # written by scripts/bench_evolve.py into each run it scores
 SAMPLE_STEPS = 4  # checkpoints whose samples the training report shows
 
 
@@ -207,10 +208,17 @@ def _column_order(key: str):
     return layer, names.index(parts[-1]) if parts[-1] in names else len(names), key
 
 
+def _scored(run: Path) -> list[dict]:
+    """A run's held-out scores: scripts/bench_evolve.py's heldout.jsonl where it scored the run, else
+    the metrics records."""
+    path = run / HELDOUT
+    return records.read_jsonl(path) if path.is_file() else records.read_metrics(run)
+
+
 def normalised_scores(runs: list[Path]) -> tuple[list[int], np.ndarray] | None:
-    """(cycles, scores (cycles, runs, tasks)) of the metrics' `normalised` lists over the cycles every
-    run has them for, with one length; None when no cycle is common to all."""
-    per_run = [{r["cycle"]: r["normalised"] for r in records.read_metrics(run) if isinstance(r.get("normalised"), list)}
+    """(cycles, scores (cycles, runs, tasks)) of the `normalised` lists (one per held-out world seed)
+    over the cycles every run has them for, with one length; None when no cycle is common to all."""
+    per_run = [{r["cycle"]: r["normalised"] for r in _scored(run) if isinstance(r.get("normalised"), list)}
                for run in runs]
     common = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
     lengths = {len(p[c]) for p in per_run for c in common}

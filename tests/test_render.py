@@ -133,8 +133,3 @@ def test_a_stream_that_is_no_terminal_gets_plain_frames():
     text = out.getvalue()
     assert "\x1b" not in text
     assert text.count("h2q world | cycle 2/5") == 5 and text.endswith("cycle 2/5 | done\n")
-
-
-def test_world_module_still_offers_the_renderer():
-    from h2q.evolve import world
-    assert world.Renderer is Renderer and world.render_text is render_text

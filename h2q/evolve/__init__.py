@@ -32,7 +32,8 @@ from __future__ import annotations
 from h2q.evolve.env import ByteEnv, EpisodeStats, EvalResult, LineEnv, StackedEnv, evaluate_policy, run_episode
 from h2q.evolve.planners import (FullMapPlanner, OraclePolicy, RandomPolicy, ViewPlanner, same_view_planner,
                                  score_baselines)
-from h2q.evolve.world import ACTIONS, OBS_LEN, Renderer, World, WorldConfig, WorldEnv, obs_len
+from h2q.evolve.render import Renderer
+from h2q.evolve.world import ACTIONS, OBS_LEN, World, WorldConfig, WorldEnv, obs_len
 
 __all__ = ["ACTIONS", "OBS_LEN", "ByteEnv", "EpisodeStats", "EvalResult", "FullMapPlanner", "LineEnv",
            "OraclePolicy", "RandomPolicy", "Renderer", "StackedEnv", "ViewPlanner", "World", "WorldConfig", "WorldEnv",

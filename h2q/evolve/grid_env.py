@@ -148,6 +148,8 @@ class GridEnv:
 
         def after_tick(env):
             tick()
+            if self.render is not None:
+                self.render(env)
             if not first or first[0] is env.world:
                 first[:1] = [env.world]
                 tracer.after_tick(env)

@@ -45,7 +45,8 @@ from h2q.evolve import records
 from h2q.evolve.evolution import LEARNS, BreedConfig, Evaluation, Population, diversity, next_generation
 from h2q.evolve.grid_env import FITNESS, AgentKnobs, GridEnv
 from h2q.evolve.text_env import TextConfig, TextEnv
-from h2q.evolve.world import Renderer, WorldConfig
+from h2q.evolve.render import Renderer
+from h2q.evolve.world import WorldConfig
 from h2q.lora import AdapterBank, LoraConfig, freeze_base
 from h2q.model import Transformer
 
@@ -85,7 +86,7 @@ class EvolveConfig:
     device: str = option("auto", "auto, cpu or cuda")
     threads: int = option(0, "torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy CPU",
                           at_least=0)
-    render: bool = option(False, "draw the world during each life (rank 0)")
+    render: bool = option(False, "draw the world in the terminal while the agents live and are evaluated (rank 0)")
     resume: bool = option(False, "continue the run in --out from its last completed cycle")
     report: bool = option(False, "write OUT/report/report.html at the end (needs matplotlib)")
     keep_cycles: int = option(0, "keep only the newest K cycle_NNN adapter folders (0 = all)", at_least=0)
@@ -191,6 +192,7 @@ class Runner:
         bank = self.population.bank
         self.local = bank if self.group.size == 1 else \
             AdapterBank(self.model.config, bank.config, self.hi - self.lo, init=False).to(self.device)
+        self.render = Renderer() if cfg.render and self.lead and cfg.env == "grid" else None
         self.env = self._make_env(text)
         self.config = {**asdict(cfg), **asdict(breed), **({"text": asdict(text)} if cfg.env == "text" else {}),
                        "steps": cfg.life_steps, "bank_rank": bank.config.r, "model_config": self.model.config.to_dict(),
@@ -212,10 +214,9 @@ class Runner:
         if self.cfg.env == "text":
             return TextEnv(self.model, self.local, text, self.device, log=print if self.lead else (lambda *a, **k: None))
         cfg = self.cfg
-        render = Renderer() if cfg.render and self.lead else None
         knobs = AgentKnobs(lr=cfg.lr, temperature=cfg.temperature, memory=cfg.memory, kv=cfg.kv, fitness=cfg.fitness)
         world = WorldConfig(steps=cfg.life_steps, level=cfg.world, window=cfg.window)
-        return GridEnv(self.model, self.local, world, cfg.eval_episodes, knobs, render)
+        return GridEnv(self.model, self.local, world, cfg.eval_episodes, knobs, self.render)
 
     # -- moving agents between the shared bank and this process's ------------------------------------
     def _pull(self) -> None:
@@ -257,9 +258,13 @@ class Runner:
         self._pull()
         with tqdm(total=self.env.ticks(cfg.life_steps, learns), desc=f"cycle {c}/{cfg.cycles}", unit="tick",
                   leave=False, dynamic_ncols=True, disable=not (self.lead and cfg.progress and not cfg.render)) as bar:
+            if self.render is not None and learns:
+                self.render.phase(cycle=c, cycles=cfg.cycles, phase="live")
             life = self.env.live(agents, cfg.life_steps, seed_for(cfg.seed, c, "live", rank), bar.update) if learns else {}
             self._push()
             lived = time.perf_counter()
+            if self.render is not None:
+                self.render.phase(cycle=c, cycles=cfg.cycles, phase="eval", episodes=cfg.eval_episodes)
             ev = self._gather_evaluation(self.env.evaluate(agents, seed_for(cfg.seed, c, "eval", rank), bar.update))
         phases = {"live_s": round(lived - start, 3), "eval_s": round(time.perf_counter() - lived, 3)}
         life = {k: self._gather(v) for k, v in life.items()}
@@ -347,17 +352,21 @@ def evolve(cfg: EvolveConfig, breed: BreedConfig, text: TextConfig, on_cycle=Non
             f"all {runner.done} cycles already done (raise --cycles to go on)"
         print(f"evolving {cfg.agents} agents ({breed.strategy}, env {cfg.env}) over base {base} on {where}: "
               f"{todo} into {runner.out}")
+    say = runner.render.log if runner.render is not None else tqdm.write  # the alternate screen keeps its lines
     try:
         for c in range(runner.done + 1, cfg.cycles + 1):
             record = runner.cycle(c)
             if runner.lead:
-                tqdm.write(summary_line(record, cfg.cycles))
+                say(summary_line(record, cfg.cycles))
             if on_cycle is not None:
                 on_cycle(c, record)
     except KeyboardInterrupt:
         interrupted = True
-        if runner.lead:
-            print(f"interrupted: cycles up to {runner.done} are saved in {runner.out}; continue with --resume")
+    finally:
+        if runner.render is not None:
+            runner.render.close()
+    if interrupted and runner.lead:
+        print(f"interrupted: cycles up to {runner.done} are saved in {runner.out}; continue with --resume")
     if runner.lead and cfg.report and not interrupted:
         write_report(runner.out)
     return {"out": str(runner.out), "cycles": runner.done, "interrupted": interrupted,
@@ -376,10 +385,31 @@ def write_report(out: Path) -> None:
         print(f"report: {e}")
 
 
+EXAMPLES = [
+    ("python evolve.py --cycles 10", "10 generations of 20 agents over checkpoints/base, into "
+     "checkpoints/evolve/run-NNN"),
+    ("python evolve.py --world view --cycles 20", "the level without the answer in the text: agents must learn "
+     "to see"),
+    ("python evolve.py --base random --preset tiny --agents 4 --steps 30 --cycles 2",
+     "a quick smoke run, no trained base needed"),
+    ("python evolve.py --render --cycles 3", "watch the world in the terminal while the agents live and are scored"),
+    ("python evolve.py --resume --cycles 20", "continue the newest run up to cycle 20"),
+    ("python evolve.py --strategy evolution --report", "the evolution strategy alone, no gradients; write "
+     "OUT/report/report.html at the end"),
+    ("python scripts/report.py checkpoints/evolve/run-001", "the report of a run, at any time"),
+]
+GROUPS = {
+    "run": ["base", "preset", "out", "cycles", "agents", "steps", "seed", "resume", "keep_cycles", "report"],
+    "grid world (--env grid)": ["env", "world", "window", "eval_episodes", "fitness", "temperature", "memory", "kv"],
+    "adapters and learning": ["lora_rank", "lora_alpha", "lr", "quant"],
+    "hardware and display": ["device", "threads", "render", "progress"],
+}
+
+
 def main(argv=None) -> int:
-    parser = Parser(prog="evolve.py", description="Self-evolution of the agents' LoRA adapters: "
-                                     "live (online learning), evaluate, select and breed, once per cycle.")
-    add_dataclass_flags(parser, EvolveConfig)
+    parser = Parser(prog="evolve.py", description="Self-evolution of the agents' LoRA adapters: live (online "
+                    "learning), evaluate, select and breed, once per cycle.", examples=EXAMPLES)
+    add_dataclass_flags(parser, EvolveConfig, groups=GROUPS)
     add_dataclass_flags(parser, BreedConfig, "evolution")
     add_dataclass_flags(parser, TextConfig, "text env (--env text)")
     args = parser.parse_args(argv)

@@ -451,6 +451,3 @@ class WorldEnv(ByteEnv):
         w = self.world  # an episode all agents died in still counts its full length
         return w.fitness(w.t if w.alive.any() else self.max_steps)
 
-
-# ---- terminal view: moved to h2q/evolve/render.py; importable from here until callers switch --------
-from h2q.evolve.render import Renderer, render_text  # noqa: F401
