@@ -82,6 +82,9 @@ class TrainConfig:
 
     def __post_init__(self):
         check_options(self)
+        for name, value in asdict(self).items():
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 2**63:
+                raise ConfigError(name, f"must be < 2**63, got {value}")  # past what a tensor or a C int holds
         if self.steps and self.epochs:
             raise ConfigError("epochs", f"{self.epochs:g} and --steps {self.steps} both set the run's length; give one")
 
@@ -266,7 +269,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     """Run training as configured; returns the run summary (also written to OUT/training_log.json).
     `on_step(step, loss)` is called after every optimizer step (tests use it to interrupt). Rank 0
     holds OUT's lock throughout."""
-    if int(os.environ.get("RANK", 0)) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:
         return run_training(cfg, on_step)
     with open_output(cfg):
         try:

@@ -6,7 +6,8 @@ cannot be made, outputs that would overwrite inputs or files of another kind, co
 bit-flipped and retyped safetensors, valid files of the wrong kind, mismatched presets and bases,
 a run holding the output folder's lock, and a disk that fills up (ENOSPC injected into the writers).
 Each row runs in-process through `h2q.cli.run_main` in a fresh copy of a small set of runs made once
-per session (`assets`), and asserts: exit code 2, no traceback, at most 3 lines on stderr, the flag or
+per session (`assets`, by scripts/fuzz_cli.py's `make_assets`, which fuzzes the same entry points at
+random), and asserts: exit code 2, no traceback, at most 3 lines on stderr, the flag or
 file named, every file that was there before byte-identical afterwards (a few rows name the files a
 failing cycle may legitimately leave appended), and no lock or temporary file left behind.
 """
@@ -18,7 +19,6 @@ import json
 import os
 import random
 import shutil
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -26,91 +26,37 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 from safetensors import SafetensorError
 
 from h2q import checkpoint
 from h2q.cli import run_main
 from h2q.config import PRESETS
 from h2q.evolve import records
-from h2q.evolve.run import main as evolve_main
 from h2q.model import Transformer
-from h2q.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def script_main(name: str):
+def load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"h2q_script_{name}", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
 
 
-MAINS = {"train": train_main, "evolve": evolve_main, "quantize": script_main("quantize"),
-         "report": script_main("report"), "prepare": script_main("prepare_data")}
-TRAIN = ["--data-dir", "corpus", "--data-root", "prep", "--preset", "tiny", "--device", "cpu", "--no-progress",
-         "--batch-size", "2", "--block-size", "32", "--eval-batches", "1", "--eval-every", "2", "--save-every", "2",
-         "--warmup", "1"]
-EVOLVE = ["--agents", "2", "--steps", "4", "--eval-episodes", "1", "--lora-rank", "2", "--device", "cpu",
-          "--threads", "1", "--no-progress"]
-
-
-def train_args(out: str, steps: int = 4, *extra: str) -> list[str]:
-    return [*TRAIN, "--out", out, "--steps", str(steps), *extra]
-
-
-# -- the shared runs, made once per session --------------------------------------------------------------
-def make_assets(root: Path) -> Path:
-    """corpus/ (text) and prep/ (its prepared corpus); base/ (tiny, 4 steps, finished), base2/ (another
-    seed), half/ (4 steps, stopped at 2), lora/ (a rank-4 adapter on base, finished), mini/ (another
-    preset), nanbase/ (a model file holding NaN), ev/ (an evolve run on base, 1 cycle), afile (a file)."""
-    root.mkdir(parents=True, exist_ok=True)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    words = "the quick brown fox jumps over the lazy dog while agents evolve adapters".split()
-    for i in range(24):
-        body = " ".join(words[(i + j) % len(words)] for j in range(120))
-        (corpus / f"doc{i:02d}.txt").write_text(f"Document {i}.\n{body}\n", encoding="utf-8")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        def run(main, argv):
-            assert run_main(main, argv) in (0, 130), argv
-
-        run(train_main, train_args("base"))
-        run(train_main, train_args("base2", 2, "--seed", "2"))
-        run(train_main, train_args("lora", 2, "--init-from", "base", "--lora-rank", "4"))
-        run(train_main, [*train_args("mini", 1), "--preset", "mini"])
-        from h2q import train as train_module
-
-        def stop_at_2(step, loss):
-            if step == 2:
-                raise KeyboardInterrupt
-        cfg = train_module.TrainConfig(data_dir="corpus", data_root="prep", out="half", preset="tiny", steps=4,
-                                       batch_size=2, block_size=32, eval_batches=1, eval_every=2, save_every=2,
-                                       warmup=1, device="cpu", progress=False)
-        assert train_module.train(cfg, on_step=stop_at_2)["steps"] == 2
-        run(evolve_main, ["--base", "base", "--cycles", "1", "--out", "ev", *EVOLVE])
-        model, _ = checkpoint.load_model("base")
-        with torch.no_grad():
-            model.layers[0].attn.q_proj.weight[0, 0] = float("nan")
-        checkpoint.save_model("nanbase", model)
-        (root / "afile").write_text("a file, not a folder\n")
-    finally:
-        os.chdir(cwd)
-    return root
+FUZZ = load_script("fuzz_cli")  # owns the runs every case starts from (make_assets) and the base flags
+MAINS = FUZZ.entry_points()
+TRAIN, EVOLVE, train_args = FUZZ.TRAIN, FUZZ.EVOLVE, FUZZ.train_args
 
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> Path:
-    return make_assets(tmp_path_factory.mktemp("assets") / "runs")
+    return FUZZ.make_assets(tmp_path_factory.mktemp("assets") / "runs")
 
 
 # -- damaging files ------------------------------------------------------------------------------------
-def header_end(data: bytes) -> int:
-    return 8 + struct.unpack("<Q", data[:8])[0]
+header_end = FUZZ.header_end
 
 
 def cut(name: str, where: str) -> Callable[[Path], None]:
@@ -400,8 +346,7 @@ CASES = [
 ]
 
 
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+snapshot = FUZZ.snapshot
 
 
 @dataclass
@@ -473,7 +418,7 @@ def test_resume_of_a_finished_run_keeps_its_files(assets, tmp_path, monkeypatch,
     shutil.copytree(assets, root)
     monkeypatch.chdir(root)
     before = snapshot(root / "base")
-    assert run_main(train_main, train_args("base", 4, "--resume")) == 0
+    assert run_main(MAINS['train'], train_args("base", 4, "--resume")) == 0
     assert snapshot(root / "base") == before
     assert json.loads((root / "base" / "training_log.json").read_text())["final"]["step"] == 4
     assert "nothing to train" in capsys.readouterr().out
@@ -485,15 +430,16 @@ def test_a_stale_lock_and_stale_temp_files_are_taken_over(assets, tmp_path, monk
     root = tmp_path / "runs"
     shutil.copytree(assets, root)
     monkeypatch.chdir(root)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     (root / "half" / checkpoint.LOCK_FILE).write_text(dead.stdout)
     stale = [root / "half" / ".train_state.safetensors.0123456789ab.tmp", root / "half" / ".tmpAb12Cd",
              root / "ev" / "state" / ".evolve_state.safetensors.ba9876543210.tmp",
              root / "ev" / "cycle_001" / "agent_00" / ".tmpZz99Yy"]
     for path in stale:
         path.write_bytes(b"half a file")
-    assert run_main(train_main, RESUME_HALF) == 0
-    assert run_main(evolve_main, RESUME_EV) == 0
+    assert run_main(MAINS['train'], RESUME_HALF) == 0
+    assert run_main(MAINS['evolve'], RESUME_EV) == 0
     assert not any(p.exists() for p in stale)
     assert not (root / "half" / checkpoint.LOCK_FILE).exists()
 
@@ -519,7 +465,7 @@ def test_a_torn_last_metrics_line_does_not_stop_resume(assets, tmp_path, monkeyp
     monkeypatch.chdir(root)
     with open(root / "ev" / "metrics.jsonl", "a") as f:
         f.write('{"cycle": 2, "be')
-    assert run_main(evolve_main, RESUME_EV) == 0
+    assert run_main(MAINS['evolve'], RESUME_EV) == 0
     assert [r["cycle"] for _, r in checkpoint.read_jsonl_lines(root / "ev" / "metrics.jsonl")] == [1, 2]
 
 
