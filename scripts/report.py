@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from h2q.cli import Parser, run_main  # noqa: E402
+from h2q.errors import H2QError  # noqa: E402
 from h2q.report import write_report  # noqa: E402
 
 EXAMPLES = [
@@ -31,6 +32,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="where to write the figures and report.html (default: RUN_DIR/report)")
     args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise H2QError(f"RUN_DIR {run_dir} is a file; give the run's folder (e.g. checkpoints/base)")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise H2QError(f"--out {args.out} is a file; give a folder for the figures and report.html")
     print(f"report written to {write_report(args.run_dir, args.out)}")
     return 0
 

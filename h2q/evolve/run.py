@@ -199,10 +199,20 @@ class Runner:
                        "base_fingerprint": self.model.fingerprint, "world_size": self.group.size}
         self.history: list[dict] = []  # per cycle: best fitness and its agent
         self.done = 0
-        if cfg.resume:
-            self._load_state()
-        elif self.lead:
-            records.start_fresh(self.out, self.config)
+        self.lock = records.RunLock(self.out, cfg.resume) if self.lead else None
+        try:
+            if cfg.resume:
+                self._load_state()
+            elif self.lead:
+                records.start_fresh(self.out, self.config)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let go of the run folder (rank 0), leaving it as its last committed cycle."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _es_options(self) -> dict | None:
         b = self.breed
@@ -318,7 +328,8 @@ class Runner:
 
     def _load_state(self) -> None:
         records.check_resumable(self.out, self.config, RESUMABLE)
-        c, lineage, tensors, self.history, env_state = records.read_state(self.out, self.group.rank, self.group.size)
+        c, lineage, tensors, self.history, env_state = records.read_state(
+            self.out, self.group.rank, self.group.size, self.population.tensors(), self.env.state_tensors())
         self.population.load(lineage, {k: v.to(self.device) for k, v in tensors.items()})
         self.env.load_state_tensors(env_state)
         self.done = c
@@ -343,6 +354,13 @@ def evolve(cfg: EvolveConfig, breed: BreedConfig, text: TextConfig, on_cycle=Non
     """Run (or resume) an evolve run; returns a summary. `on_cycle(cycle, record)` is called after
     each completed cycle (tests use it to interrupt)."""
     runner = Runner(cfg, breed, text)
+    try:
+        return run_cycles(runner, cfg, breed, on_cycle)
+    finally:
+        runner.release()
+
+
+def run_cycles(runner: Runner, cfg: EvolveConfig, breed: BreedConfig, on_cycle=None) -> dict:
     interrupted = False
     if runner.lead:
         where = f"{runner.group.size} processes" if runner.group.size > 1 else str(runner.device)
