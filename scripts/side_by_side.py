@@ -94,6 +94,7 @@ def prepare_data(work: Path) -> BenchData:
 
     text = bench_text()
     cut = int(len(text) * (1 - HELD_OUT_FRACTION))
+    work = work.resolve()
     d = BenchData(work, work / "bench.txt", work / "held_out.txt", work / "h2q_text", work / "h2q_data",
                   work / "nanogpt_data", 0, 0)
     for path, content in [(d.text, text), (d.held_out, text[cut:]), (d.h2q_dir / "bench_first90.txt", text[:cut])]:
@@ -236,7 +237,7 @@ def score(forward, context, held_out):
 SCORE_H2Q = SCORE + r'''
 from h2q.checkpoint import load_model
 model, _ = load_model(sys.argv[1])
-score(model, model.config.context_len, sys.argv[2])
+score(model, int(sys.argv[3]), sys.argv[2])
 '''
 
 SCORE_NANOGPT = SCORE + r'''
@@ -264,13 +265,16 @@ def run_score(code: str, args: list, cwd: Path) -> dict:
 
 
 def score_h2q(root: Path, out: Path, d: BenchData) -> dict:
-    result = run_score(SCORE_H2Q, [out, d.held_out], root)
+    """The context scored is the one trained (--block-size, else the model's): rotary positions past it
+    were never seen."""
     summary = json.loads((out / "training_log.json").read_text())
+    context = summary["train_config"]["block_size"] or summary["model_config"]["context_len"]
+    result = run_score(SCORE_H2Q, [out.resolve(), d.held_out, context], root)
     return {**result, "bytes_seen": summary["tokens_seen"], "steps": summary["steps"], "summary": summary}
 
 
 def score_nanogpt(path: Path, out: Path, d: BenchData) -> dict:
-    result = run_score(SCORE_NANOGPT, [out / "ckpt.pt", d.held_out, path], REPO)
+    result = run_score(SCORE_NANOGPT, [out.resolve() / "ckpt.pt", d.held_out, path], REPO)
     return {**result, "bytes_seen": result["iter_num"] * NANOGPT_TOKENS_PER_ITER, "steps": result["iter_num"]}
 
 
