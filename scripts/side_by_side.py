@@ -36,7 +36,7 @@ import sys
 import sysconfig
 import time
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +91,7 @@ def prepare_data(work: Path) -> BenchData:
     """Write the text, its held-out tail, h2q's folder and nanoGPT's files under work/ (idempotent)."""
     sys.path.insert(0, str(REPO))
     from h2q import data
+    from h2q.checkpoint import atomic_write
 
     text = bench_text()
     cut = int(len(text) * (1 - HELD_OUT_FRACTION))
@@ -100,15 +101,15 @@ def prepare_data(work: Path) -> BenchData:
     for path, content in [(d.text, text), (d.held_out, text[cut:]), (d.h2q_dir / "bench_first90.txt", text[:cut])]:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.read_bytes() != content:
-            path.write_bytes(content)
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(content))
     corpus = data.load_corpus(str(d.h2q_dir), 1, root=d.h2q_root, log=lambda *a: None)
     d.nanogpt_dir.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         ids = np.asarray(getattr(corpus, split))
         assert ids.min() > 0, "one ASCII document: no NUL separators"
-        ids.astype(np.uint16).tofile(d.nanogpt_dir / f"{split}.bin")
-    with open(d.nanogpt_dir / "meta.pkl", "wb") as f:  # nanoGPT's own format: it reads vocab_size
-        pickle.dump({"vocab_size": 256}, f)
+        atomic_write(d.nanogpt_dir / f"{split}.bin", lambda tmp: ids.astype(np.uint16).tofile(tmp))
+    # nanoGPT's own format: it reads vocab_size
+    atomic_write(d.nanogpt_dir / "meta.pkl", lambda tmp: Path(tmp).write_bytes(pickle.dumps({"vocab_size": 256})))
     d.train_bytes, d.val_bytes = len(corpus.train), len(corpus.val)
     return d
 
@@ -134,7 +135,6 @@ class Job:
     wall_s: float = 0.0
     cpu_s: float = 0.0
     interrupted: bool = False
-    extra: dict = field(default_factory=dict)
 
     def launch(self):
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +179,7 @@ def nanogpt_job(path: Path, d: BenchData, out: Path, max_iters: int, eval_interv
     cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_CPU_RECIPE,
            f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={eval_interval}",
            "--always_save_checkpoint=True", f"--dataset={d.nanogpt_dir}", f"--out_dir={out}"]
-    return Job(name, cmd, path, out.with_suffix(".log"), extra={"max_iters": max_iters})
+    return Job(name, cmd, path, out.with_suffix(".log"))
 
 
 def nanogpt_iter_times(log: str) -> dict[int, float]:
