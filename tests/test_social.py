@@ -140,6 +140,7 @@ def test_spam_earns_less_than_a_fluent_on_topic_post(corpus):
     assert dup == 0.0, "a near-duplicate of a recent post is worth nothing"
     rewards = Q.reader_rewards(q, np.zeros(len(q), dtype=bool))
     assert rewards[0, Q.LIKE] > 0 > rewards[1, Q.LIKE], "liking spam costs the reader, liking good text pays"
+    assert rewards[0, Q.IGNORE] < 0 < rewards[1, Q.IGNORE], "and ignoring it is the other way round"
     scripted = Q.scripted_actions(rewards)
     assert scripted[0] in (Q.LIKE, Q.FOLLOW) and scripted[1] == Q.IGNORE
     docs_reader = quality.per_topic[0, Q.TOPICS.index("docs")]
@@ -150,8 +151,7 @@ def test_reader_rewards_table():
     q = np.array([0.0, 0.6, 0.9, 0.9])
     following = np.array([False, False, False, True])
     r = Q.reader_rewards(q, following)
-    assert np.allclose(r[:, Q.IGNORE], 0)
-    assert np.allclose(r[:, Q.LIKE], q - Q.LIKE_BAR)
+    assert np.allclose(r[:, Q.LIKE], q - Q.LIKE_BAR) and np.allclose(r[:, Q.IGNORE], Q.LIKE_BAR - q)
     assert np.allclose(r[:3, Q.FOLLOW], 2 * (q[:3] - Q.FOLLOW_BAR)) and r[3, Q.FOLLOW] == r[3, Q.LIKE]
     assert Q.scripted_actions(r).tolist() == [Q.IGNORE, Q.LIKE, Q.FOLLOW, Q.LIKE]
 

@@ -39,10 +39,11 @@ or shuffled bytes, which are novel, cost the base as many bits as noise and get 
 and tiny posts get 0. The only way to a high score is text the frozen base finds natural, the
 fixed classifier finds on topic, and that is new.
 
-Readers act on it with one byte each (`reader_rewards`): like earns q - LIKE_BAR, follow earns
-2 (q - FOLLOW_BAR) (a follow of an author already followed counts as a like), ignore earns 0; so the
-best reply is ignore below LIKE_BAR, like up to 2 FOLLOW_BAR - LIKE_BAR, follow above
-(`scripted_actions`, the upper-bound reader).
+Readers act on it with one byte each and are scored by how far the signal agrees with their choice
+(`reader_rewards`): like earns q - LIKE_BAR, ignore the opposite, LIKE_BAR - q, follow 2 (q - FOLLOW_BAR)
+(a follow of an author already followed counts as a like). So ignoring a good post costs as much as
+liking a bad one, and "ignore everything" is no safe haven; the best reply is ignore below LIKE_BAR,
+like up to 2 FOLLOW_BAR - LIKE_BAR, follow above (`scripted_actions`, the upper-bound reader).
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ MIN_TOPIC_BYTES = 8192  # per topic and split, or the topic cannot be learned or
 NGRAMS, BUCKETS, ALPHA = (3, 4, 5), 1 << 20, 0.05
 SHINGLE = 4  # bytes per n-gram of the novelty and duplicate factors
 DUP_LOW, DUP_HIGH = 0.3, 0.6  # Jaccard resemblance where the duplicate factor starts and is complete
-LIKE_BAR, FOLLOW_BAR = 0.3, 0.5
+LIKE_BAR, FOLLOW_BAR = 0.3, 0.5  # below the base's typical on-topic quality, so liking can pay from the start
 LIKE, FOLLOW, IGNORE = 0, 1, 2  # reader action indices
 ACTION_BYTES = b"lf."  # what a reader's byte means: like, follow, ignore
 STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "pydoc_data", "encodings", "test", "tests",
@@ -336,12 +337,12 @@ class QualitySignal:
 
 def reader_rewards(q: np.ndarray, following: np.ndarray) -> np.ndarray:
     """(rows,) quality for the reader and whether it already follows the author -> (rows, 3) reward of
-    like, follow, ignore."""
+    like, follow, ignore: a choice is scored by how far the signal agrees with it."""
     like = q - LIKE_BAR
     follow = np.where(following, like, 2 * (q - FOLLOW_BAR))
-    return np.stack([like, follow, np.zeros_like(q)], axis=1)
+    return np.stack([like, follow, -like], axis=1)
 
 
 def scripted_actions(rewards: np.ndarray) -> np.ndarray:
-    """The upper-bound reader: per row of `reader_rewards`, the best-paid action (ignore unless one pays)."""
-    return np.where(rewards.max(1) <= 0, IGNORE, rewards[:, :2].argmax(1))
+    """The upper-bound reader: per row of `reader_rewards`, the best-paid action."""
+    return rewards.argmax(1)
