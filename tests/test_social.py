@@ -25,7 +25,7 @@ from h2q.lora import LoraConfig, freeze_base
 from h2q.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY = SocialConfig(post_bytes=16, prompt_bytes=8, eval_ticks=2, feed_size=3, feed_random=1)
+TINY = SocialConfig(post_bytes=16, prompt_bytes=8, eval_ticks=2, feed_size=3, feed_random=1, write_every=2)
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +224,7 @@ def test_resume_continues_bit_exact(corpus):
     fresh.live(pop2.agents, 2, seed=2, tick=lambda: None)
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted, bank_tensors(pop2)))
     assert saved_reset["adam.steps"][3] == 0 and saved_reset["baseline.writer_weight"][3] == 0
+    assert (saved_reset["baseline.reader_weight"][6:8] == 0).all() and (saved_env["baseline.reader_weight"] > 0).any()
 
 
 def test_writers_decode_in_one_batched_call_per_tick(corpus, monkeypatch):

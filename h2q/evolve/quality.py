@@ -22,8 +22,9 @@ The quality of a post for a reader of topic t (`QualitySignal.score`) is a produ
     q_t = P(t | post) * fluency * novelty,   novelty = self_novelty * (1 - duplicate)
 
 * fluency: the post's bits per byte under the frozen base, given the writer's prompt, mapped linearly
-  from 0 at `noise_bpb` (the base's bits/byte on real continuations with their bytes shuffled) to 1 at
-  `text_bpb` (on the real continuations); both calibrated on held-out text at construction.
+  from 0 at `noise_bpb` (the base's median bits/byte on real continuations with their bytes shuffled)
+  to 1 at `text_bpb` (its 10th percentile on the real continuations: as predictable as the most
+  predictable tenth of real text); both calibrated on held-out text at construction.
 * self_novelty: the post's distinct byte-4-gram ratio, 0 at half of `distinct_ref` (the 10th
   percentile of real held-out snippets of post length) rising to 1 at `distinct_ref`.
 * duplicate: the largest Jaccard resemblance of its byte-4-gram shingles (Broder 1997) with any other
@@ -312,7 +313,7 @@ class QualitySignal:
         windows = [w for t in range(len(TOPICS)) for w in corpus.snippets(t, True, samples, prompt_bytes + post_bytes, rng)]
         prompts, real = [w[:prompt_bytes] for w in windows], [w[prompt_bytes:] for w in windows]
         shuffled = [bytes(rng.permutation(np.frombuffer(p, dtype=np.uint8))) for p in real]
-        text_bpb = float(np.median(bits_per_byte(model, prompts, real)))
+        text_bpb = float(np.percentile(bits_per_byte(model, prompts, real), 10))
         noise_bpb = float(np.median(bits_per_byte(model, prompts, shuffled)))
         ref = float(np.percentile([distinct_ratio(p) for p in real], 10))
         return cls(TopicClassifier(corpus, post_bytes, seed=seed), text_bpb, noise_bpb, ref, max(SHINGLE, post_bytes // 4))

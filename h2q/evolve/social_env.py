@@ -37,9 +37,10 @@ Learning in life, on-policy, one update per tick for all agents in one backward:
   than the reward as in GRPO (Shao et al. 2024): it keeps the writing where the base can judge it,
   and undoes what the reader's updates of the same adapter would do to it (a reader that learns to
   ignore pushes its adapter toward the byte `.`).
-* A = (reward - b_i) / s: b_i a bias-corrected moving average of agent i's own rewards (a newcomer's is
-  the tick's population mean), s a running RMS of the advantages (one for readers, one for writers),
-  so both terms weigh alike and `writer_weight` sets their mix.
+* A = (reward - b) / s: b a bias-corrected moving average of the agent's own rewards (a reader's apart
+  for posts of its topic and of others; a newcomer's is the tick's population mean), s a running RMS of
+  the advantages (one for readers, one for writers), so both terms weigh alike and `writer_weight`
+  sets their mix.
 * One h2q/optim.py BankAdamW step per tick, each slot at its agent's learning rate, after a per-agent
   gradient-norm clip; an agent whose gradient is not finite skips the step.
 
@@ -77,13 +78,13 @@ EVAL_SEED = 0  # the held-out episode's prompts and posting order: fixed, so cyc
 
 @dataclass
 class SocialConfig:
-    feed_size: int = option(6, "social env: posts in each reader's feed per tick", at_least=1)
+    feed_size: int = option(5, "social env: posts in each reader's feed per tick", at_least=1)
     feed_random: int = option(2, "social env: feed places kept for random posts (the rest go to followed authors first)",
                               at_least=0)
-    write_every: int = option(2, "social env: each agent posts every N-th tick", at_least=1)
+    write_every: int = option(1, "social env: each agent posts every N-th tick", at_least=1)
     post_bytes: int = option(48, "social env: longest post in bytes", at_least=4)
     prompt_bytes: int = option(32, "social env: bytes of topic text a post continues", at_least=1)
-    eval_ticks: int = option(8, "social env: ticks of the held-out evaluation episode", at_least=1)
+    eval_ticks: int = option(6, "social env: ticks of the held-out evaluation episode", at_least=1)
     follow_weight: float = option(2.0, "social env: a writer's reward per new follower, in likes", at_least=0)
     kl_weight: float = option(1.0, "social env: weight of the writer's KL to the base per token, in its loss", at_least=0)
     writer_weight: float = option(1.0, "social env: weight of the writer's loss next to the reader's", at_least=0)
@@ -244,8 +245,9 @@ class SocialEnv:
         self.corpus = corpus or Q.load_topic_corpus()
         self.signal = Q.QualitySignal.calibrate(model, self.corpus, cfg.prompt_bytes, cfg.post_bytes)
         self.optimizer = BankAdamW(bank.parameters(), betas=(0.9, 0.99))
-        self.stats = {k: torch.zeros(self.n, dtype=torch.float64) for k in
-                      ("reader_sum", "reader_weight", "writer_sum", "writer_weight")}
+        # reward baselines: readers' per (agent, whether the post is of its topic), writers' per agent
+        self.stats = {k: torch.zeros(self.n * (2 if k.startswith("reader") else 1), dtype=torch.float64)
+                      for k in ("reader_sum", "reader_weight", "writer_sum", "writer_weight")}
         self.scale = torch.zeros(4, dtype=torch.float64)  # (reader, writer) x (sum of A^2, weight)
         rng = np.random.default_rng(EVAL_SEED)
         self.eval_order = rng.permutation(self.n) % cfg.write_every
@@ -298,8 +300,8 @@ class SocialEnv:
     def reset_slots(self, slots) -> None:
         slots = list(slots)
         self.optimizer.reset(slots)
-        for t in self.stats.values():
-            t[slots] = 0.0
+        for name, t in self.stats.items():
+            t[[2 * s + m for s in slots for m in (0, 1)] if name.startswith("reader") else slots] = 0.0
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {**{f"adam.{k}": t for k, t in self.optimizer.state_dict().items()},
@@ -403,7 +405,7 @@ class SocialEnv:
         row_reward = rewards[np.arange(len(readers)), effective]
         if learn:
             writer_reward = likes + cfg.follow_weight * new_follows
-            self._learn(readers, actions, row_reward, logits, writers, prompts, scored, base_logits, mask,
+            self._learn(readers, posts, actions, row_reward, logits, writers, prompts, scored, base_logits, mask,
                         writer_reward, lrs)
         net.latest = [Post(int(w), int(self.topics[w]), text, float(quality_), int(l), int(f))
                       for w, text, quality_, l, f in zip(writers, texts, own, likes, new_follows)]
@@ -432,15 +434,16 @@ class SocialEnv:
         return logits[torch.arange(len(rows), device=self.device), last][:, action_ids].float()  # (R, 3)
 
     # -- learning ---------------------------------------------------------------------------------------
-    def _learn(self, readers, actions, row_reward, logits, writers, prompts, scored, base_logits, mask, writer_reward,
-               lrs) -> None:
+    def _learn(self, readers, posts, actions, row_reward, logits, writers, prompts, scored, base_logits, mask,
+               writer_reward, lrs) -> None:
         """One REINFORCE step of every reader's choices and every writer's post (module docstring)."""
         cfg, n, dev, T = self.cfg, self.n, self.device, self.temperature
         logp_all = F.log_softmax(logits / T, dim=-1)  # (R, 3)
         taken = logp_all.gather(1, torch.as_tensor(actions, device=dev)[:, None]).squeeze(1)
         entropy = -(logp_all.exp() * logp_all).sum(1)
         rows = np.bincount(readers, minlength=n)
-        adv = torch.as_tensor(self._advantages(0, readers, row_reward), device=dev, dtype=torch.float32)
+        groups = 2 * readers + (self.topics[readers] == self.topics[writers[posts]])
+        adv = torch.as_tensor(self._advantages(0, groups, row_reward), device=dev, dtype=torch.float32)
         per_row = -(adv * taken + cfg.entropy_bonus * entropy) / torch.as_tensor(rows[readers], device=dev)
         slots = torch.as_tensor(writers, device=dev)
         policy_logits, targets, _ = Q.continuation_logits(self.model, prompts, scored, self.bank.bind(slots))
@@ -456,19 +459,20 @@ class SocialEnv:
         taking_part = torch.as_tensor((rows > 0) | np.isin(np.arange(n), writers), device=dev)
         self._step(losses, lrs, taking_part)
 
-    def _advantages(self, kind: int, agents: np.ndarray, rewards: np.ndarray) -> np.ndarray:
-        """(reward - the agent's baseline) / running RMS, then the baselines move toward this tick's
-        per-agent means; kind 0 = readers, 1 = writers."""
+    def _advantages(self, kind: int, groups: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+        """(reward - its group's baseline) / running RMS, then the baselines move toward this tick's
+        group means; kind 0 = readers (groups: 2 agent + whether the post is of its topic, so the easy
+        off-topic rows do not set the bar for the rest), 1 = writers (groups: agents)."""
         name = ("reader", "writer")[kind]
         total, weight = self.stats[f"{name}_sum"], self.stats[f"{name}_weight"]
-        d = self.cfg.baseline_decay
+        d, size = self.cfg.baseline_decay, len(total)
         known = weight.numpy() > 0
         baseline = np.where(known, total.numpy() / np.where(known, weight.numpy(), 1), rewards.mean())
-        adv = rewards - baseline[agents]
-        present = np.bincount(agents, minlength=self.n) > 0
-        means = np.bincount(agents, rewards, minlength=self.n) / np.maximum(np.bincount(agents, minlength=self.n), 1)
-        on = torch.as_tensor(present)
-        total.copy_(torch.where(on, d * total + (1 - d) * torch.as_tensor(means), total))
+        adv = rewards - baseline[groups]
+        count = np.bincount(groups, minlength=size)
+        on = torch.as_tensor(count > 0)
+        means = torch.as_tensor(np.bincount(groups, rewards, minlength=size) / np.maximum(count, 1))
+        total.copy_(torch.where(on, d * total + (1 - d) * means, total))
         weight.copy_(torch.where(on, d * weight + (1 - d), weight))
         self.scale[2 * kind] = d * self.scale[2 * kind] + (1 - d) * float(np.mean(adv ** 2))
         self.scale[2 * kind + 1] = d * self.scale[2 * kind + 1] + (1 - d)
