@@ -10,6 +10,7 @@ from h2q.config import PRESETS
 from h2q.errors import ConfigError
 from h2q.evolve import quality as Q
 from h2q.evolve import records
+from h2q.evolve.render import network_text
 from h2q.evolve.evolution import Population
 from h2q.evolve.social_env import (
     Network,
@@ -19,7 +20,6 @@ from h2q.evolve.social_env import (
     build_feeds,
     clustering,
     density,
-    render_text,
 )
 from h2q.lora import LoraConfig, freeze_base
 from h2q.model import Transformer
@@ -188,7 +188,7 @@ def test_live_and_evaluate_give_the_runner_what_it_records(corpus):
     record = records.metrics_record(1, ev, life, None)
     assert record["posts"] == ev.totals["posts"] and "median_writer_score" in record
     assert env.snapshot["posts"] and "text" in env.snapshot["posts"][0]
-    text = render_text(Network([a.id for a in pop.agents], env.topics))
+    text = network_text(Network([a.id for a in pop.agents], env.topics))
     assert pop.agents[0].id in text and "follows" in text
 
 

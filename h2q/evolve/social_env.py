@@ -55,8 +55,6 @@ episode, computed once at construction (`base_*`).
 from __future__ import annotations
 
 import math
-import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,56 +151,31 @@ class Post:
     quality: float  # for readers of its topic
     likes: int = 0
     follows: int = 0
+    prompt: bytes = b""  # what it continues
 
 
 @dataclass
 class Network:
-    """One episode's users, follow graph and posts."""
+    """One episode's users, follow graph and posts (what h2q/evolve/render.py draws)."""
     names: list[str]
     topics: np.ndarray
+    steps: int | None = None  # the episode's length
     follows: np.ndarray = None
     latest: list[Post] = field(default_factory=list)
     recent: list[list[bytes]] = field(default_factory=list)  # the last DUP_WINDOW ticks' posts
     tick: int = 0
     posts: int = 0
+    topic_names: tuple[str, ...] = Q.TOPICS
 
     def __post_init__(self):
         n = len(self.names)
         self.follows = np.zeros((n, n), dtype=bool) if self.follows is None else self.follows
 
+    def density(self) -> float:
+        return density(self.follows)
 
-def render_text(net: Network, max_posts: int = 8) -> str:
-    """The network as text: who follows whom, and the latest posts with their likes."""
-    lines = [f"social network, tick {net.tick} | {len(net.names)} users, {net.posts} posts, "
-             f"{int(net.follows.sum())} follows (density {density(net.follows):.3f}, clustering "
-             f"{clustering(net.follows):.3f})", "follows:"]
-    for i, name in enumerate(net.names):
-        followed = " ".join(net.names[j] for j in np.flatnonzero(net.follows[i]))
-        lines.append(f"  {name} [{Q.TOPICS[net.topics[i]]:>8}] -> {followed or '-'}")
-    lines.append("latest posts:")
-    for post in net.latest[:max_posts]:
-        text = post.text.decode("utf-8", "replace").replace("\n", "\u23ce")
-        lines.append(f"  {net.names[post.author]} #{Q.TOPICS[post.topic]} q {post.quality:.2f} "
-                     f"likes {post.likes} follows {post.follows}: {text}")
-    return "\n".join(lines)
-
-
-class SocialRenderer:
-    """`--render`: redraws the network in place (ANSI home + clear) after every tick of a life, at most
-    `fps` times a second."""
-
-    def __init__(self, fps: float = 4.0, stream=None):
-        self.interval = 1.0 / fps if fps > 0 else 0.0
-        self.stream = stream or sys.stdout
-        self._last = 0.0
-
-    def __call__(self, net: Network) -> None:
-        wait = self._last + self.interval - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        self.stream.write("\x1b[H\x1b[2J" + render_text(net) + "\n")
-        self.stream.flush()
-        self._last = time.perf_counter()
+    def clustering(self) -> float:
+        return clustering(self.follows)
 
 
 # -- one tick --------------------------------------------------------------------------------------------
@@ -227,6 +200,7 @@ class SocialEnv:
     the fixed held-out episode and the base model's figures on it."""
 
     per_agent_temperature = False  # generate_batch samples all writers at one temperature
+    eval_episodes = 1  # the held-out episode
 
     def __init__(self, model, bank: AdapterBank, cfg: SocialConfig = SocialConfig(), temperature: float = 1.0,
                  offset: int = 0, render=None, corpus: Q.TopicCorpus | None = None):
@@ -258,6 +232,7 @@ class SocialEnv:
         self.base = {f"base_{k}": v for k, v in base.items() if k in
                      ("fitness", "writer", "reader", "post_bpb", "topic_acc", "distinct2", "likes_per_post")}
         self.base["classifier_acc"] = self.signal.classifier.accuracy
+        self.base_posts = self.snapshot["posts"]  # the base's, on the held-out prompts every cycle sees
 
     def ticks(self, steps: int, learns: bool) -> int:
         return steps * learns + self.cfg.eval_ticks
@@ -267,7 +242,7 @@ class SocialEnv:
         """One episode of `steps` ticks with learning; -> per agent the likes and followers its posts
         earned and its mean reader and writer rewards."""
         rng = np.random.default_rng(seed)
-        net = Network([a.id for a in agents], self.topics)
+        net = Network([a.id for a in agents], self.topics, steps)
         order = rng.permutation(self.n) % self.cfg.write_every
         lrs = torch.tensor([a.lr for a in agents], dtype=torch.float32)
         totals = {k: np.zeros(self.n) for k in ("likes", "followers", "reader", "writer", "rows", "posts")}
@@ -295,7 +270,8 @@ class SocialEnv:
         per_agent = {k: s.pop(k) for k in ("writer_score", "reader_score", "likes_received", "topic_hits")}
         fitness = per_agent["writer_score"] + per_agent["reader_score"]
         totals = {k: s.pop(k) for k in ("posts", "likes", "follows", "users")}
-        return Evaluation(fitness=fitness, per_agent=per_agent, totals=totals, references={**s, **self.base})
+        return Evaluation(fitness=fitness, per_agent=per_agent, totals=totals, references={**s, **self.base},
+                          files={"network.json": {**self.snapshot, "base_posts": self.base_posts}})
 
     def reset_slots(self, slots) -> None:
         slots = list(slots)
@@ -318,9 +294,9 @@ class SocialEnv:
     @torch.no_grad()
     def _episode(self, names: list[str], seed: int, tick, use_adapters: bool) -> tuple[list[Tick], Network]:
         """The held-out episode for the agents (or, use_adapters=False, for the base alone); the last
-        one's network, its follows and latest posts, stays in `snapshot` (JSON-able)."""
+        one's users, follows and last tick's posts stay in `snapshot` (JSON-able, cycle_NNN/network.json)."""
         rng = np.random.default_rng(seed)
-        net = Network(names, self.topics)
+        net = Network(names, self.topics, self.cfg.eval_ticks)
         ticks = []
         for t in range(self.cfg.eval_ticks):
             writers = np.flatnonzero(self.eval_order == t % self.cfg.write_every)
@@ -330,11 +306,17 @@ class SocialEnv:
                 ticks.append(result)
             if tick is not None:
                 tick()
-        self.snapshot = {"follows": np.argwhere(net.follows).tolist(),
-                         "posts": [{"author": names[p.author], "topic": Q.TOPICS[p.topic], "quality": round(p.quality, 4),
-                                    "likes": p.likes, "follows": p.follows, "text": p.text.decode("utf-8", "replace")}
-                                   for p in net.latest]}
+            if self.render is not None and use_adapters:
+                self.render(net)
+        self.snapshot = {"users": names, "topics": [Q.TOPICS[t] for t in self.topics],
+                         "follows": np.argwhere(net.follows).tolist(), "posts": [self._post_json(net, p) for p in net.latest]}
         return ticks, net
+
+    @staticmethod
+    def _post_json(net: Network, post: Post) -> dict:
+        return {"author": net.names[post.author], "topic": Q.TOPICS[post.topic], "quality": round(post.quality, 4),
+                "likes": post.likes, "follows": post.follows, "prompt": post.prompt.decode("utf-8", "replace"),
+                "text": post.text.decode("utf-8", "replace")}
 
     def _summary(self, ticks: list[Tick], net: Network) -> dict:
         """Per-agent scores and the episode's figures from its ticks."""
@@ -407,8 +389,8 @@ class SocialEnv:
             writer_reward = likes + cfg.follow_weight * new_follows
             self._learn(readers, posts, actions, row_reward, logits, writers, prompts, scored, base_logits, mask,
                         writer_reward, lrs)
-        net.latest = [Post(int(w), int(self.topics[w]), text, float(quality_), int(l), int(f))
-                      for w, text, quality_, l, f in zip(writers, texts, own, likes, new_follows)]
+        net.latest = [Post(int(w), int(self.topics[w]), text, float(quality_), int(l), int(f), prompt)
+                      for w, text, quality_, l, f, prompt in zip(writers, texts, own, likes, new_follows, prompts)]
         net.recent = (net.recent + [texts])[-DUP_WINDOW:]
         net.posts += len(writers)
         return Tick(writers, texts, bpb, quality.topic.argmax(1) == self.topics[writers], own, likes, new_follows,
