@@ -314,7 +314,7 @@ class SocialEnv:
 
     @staticmethod
     def _post_json(net: Network, post: Post) -> dict:
-        return {"author": net.names[post.author], "topic": Q.TOPICS[post.topic], "quality": round(post.quality, 4),
+        return {"slot": post.author, "author": net.names[post.author], "topic": Q.TOPICS[post.topic], "quality": round(post.quality, 4),
                 "likes": post.likes, "follows": post.follows, "prompt": post.prompt.decode("utf-8", "replace"),
                 "text": post.text.decode("utf-8", "replace")}
 
