@@ -746,30 +746,30 @@ def _evolve_sections(run_dir: Path, out_dir: Path) -> list[str]:
 
 
 # -- the social env ---------------------------------------------------------------------------------
-SOCIAL_PANELS = (  # (title, y label, [(metrics key, label, style)])
-    ("engagement", "per post", [("likes_per_post", "likes", "-"), ("follows_per_post", "new followers", "-"),
-                                ("base_likes_per_post", "base model's likes", "--")]),
+SOCIAL_PANELS = (  # (title, y label, [(metrics key, label, style, colour)]): a dashed base line has its series' colour
+    ("engagement", "per post", [("likes_per_post", "likes", "-", "C0"), ("follows_per_post", "new followers", "-", "C1"),
+                                ("base_likes_per_post", "base model's likes", "--", "C0")]),
     ("fluency of the posts", "bits/byte under the base (lower = more fluent)",
-     [("post_bpb", "agents", "-"), ("base_post_bpb", "base model", "--")]),
-    ("on topic and diverse", "share", [("topic_acc", "topic accuracy", "-"), ("base_topic_acc", "base: topic", "--"),
-                                       ("distinct2", "distinct-2", "-"), ("base_distinct2", "base: distinct-2", "--")]),
-    ("the follow graph", "", [("follow_density", "density", "-"), ("clustering", "clustering", "-")]),
+     [("post_bpb", "agents", "-", "C0"), ("base_post_bpb", "base model", "--", "C0")]),
+    ("on topic and diverse", "share", [("topic_acc", "topic accuracy", "-", "C0"), ("base_topic_acc", "base: topic", "--", "C0"),
+                                       ("distinct2", "distinct-2", "-", "C1"), ("base_distinct2", "base: distinct-2", "--", "C1")]),
+    ("the follow graph", "", [("follow_density", "density", "-", "C0"), ("clustering", "clustering", "-", "C1")]),
     ("readers: reward per choice", "agreement with the quality signal",
-     [("reader", "agents", "-"), ("random_reader", "random readers", ":"), ("scripted_reader", "scripted (upper bound)", "--"),
-      ("base_reader", "base model", "--")]),
+     [("reader", "agents", "-", "C0"), ("random_reader", "random readers", ":", "C1"),
+      ("scripted_reader", "scripted (upper bound)", "--", "C2"), ("base_reader", "base model", "--", "C0")]),
     ("writers: quality of their posts", "quality for a reader of its topic",
-     [("best_writer_score", "best agent", "-"), ("median_writer_score", "median agent", "-"),
-      ("base_writer", "base model", "--")]),
+     [("best_writer_score", "best agent", "-", "C0"), ("median_writer_score", "median agent", "-", "C1"),
+      ("base_writer", "base model", "--", "C1")]),
 )
 
 
 def _plot_social(rows: list[dict], path: Path) -> Path:
     fig, axes = _figure(2, 3, 15, 7.5)
     for ax, (title, ylabel, series) in zip(axes.flat, SOCIAL_PANELS):
-        for key, label, style in series:
+        for key, label, style, colour in series:
             xs, ys = _series(rows, "cycle", key)
             if ys:
-                ax.plot(xs, ys, style, marker="o" if style == "-" else None, markersize=3, label=label)
+                ax.plot(xs, ys, style, color=colour, marker="o" if style == "-" else None, markersize=3, label=label)
         if title == "on topic and diverse":
             ax.axhline(0.8, color="k", linestyle=":", linewidth=1, label="target: 80 % on topic")
         ax.set(xlabel="cycle", ylabel=ylabel, title=title)

@@ -1,16 +1,15 @@
 """The social env's grounded quality signal: labelled text from this machine's files, a fixed byte-level
 topic classifier trained once on it, and the score in [0, 1] a post is worth to a reader of a topic.
 
-Topics and their text (`load_topic_corpus`), nothing downloaded, documents in sorted path order:
-* `code`: the standard library's `.py` sources (tests and idlelib left out), a slice from the middle
-  of each file;
-* `prose`: pydoc's help topics (`pydoc_data.topics`), their unindented lines only (the indented ones
+Topics and their text (`load_topic_corpus`), nothing downloaded, documents in sorted name order:
+* `code`: the standard library's `.py` sources (tests, idlelib and site-packages left out) without
+  their comment lines;
+* `docs`: pydoc's help topics (`pydoc_data.topics`), their unindented lines only (the indented ones
   are code examples and grammar rules);
-* `legal`: licence texts: Python's LICENSE.txt, the LICENSE/COPYING files of the installed
-  distributions (`*.dist-info`) and the system's common licences where there are any.
-Each topic keeps at most `max_docs` slices of `slice_bytes`, evenly spaced over its documents; a
-document whose name hashes below `HELD_OUT` is held out. Training feeds draw writers' prompts from the
-training documents, evaluation from the held-out ones.
+* `comments`: the `#` comment lines of the same sources (shebangs and coding lines left out).
+Each document gives one slice of `slice_bytes` from its middle; each topic keeps at most `max_docs`
+slices, evenly spaced over its documents; a document whose name hashes below `HELD_OUT` is held out.
+Training feeds draw writers' prompts from the training documents, evaluation from the held-out ones.
 
 The classifier (`TopicClassifier`) is multinomial naive Bayes (McCallum & Nigam 1998) over hashed byte
 3-, 4- and 5-grams (character n-gram text categorisation, Cavnar & Trenkle 1994), add-alpha
