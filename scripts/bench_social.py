@@ -139,8 +139,10 @@ def run_all(args) -> bool:
     for label, argv, log in jobs(args):
         print(f"start {label}: {' '.join(shlex.quote(a) for a in argv)} > {log}", flush=True)
         with open(log, "a") as f:
+            # SIGINT back to its default: a bench started in the background (`cmd &`) ignores it, and so would
+            # the children, whom the deadline stops with it
             children.append((label, subprocess.Popen(["nice", "-n", "10", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                                     cwd=ROOT, env=env)))
+                                                     cwd=ROOT, env=env, preexec_fn=_default_sigint)))
     finished = True
     try:
         while any(p.poll() is None for _, p in children):
@@ -156,14 +158,20 @@ def run_all(args) -> bool:
             p.send_signal(signal.SIGINT)  # evolve.py keeps its committed cycles
     for label, p in children:
         try:
-            p.wait(60)
+            p.wait(120)
         except subprocess.TimeoutExpired:
-            p.kill()
+            p.kill()  # an evolve run loses only its uncommitted cycle
             p.wait()
+            print(f"{label}: killed, 120 s after SIGINT", flush=True)
+            continue
         if p.returncode not in (0, 130, -signal.SIGINT):
             print(f"{label} failed (exit {p.returncode}); see its log", flush=True)
             finished = False
     return finished
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def ci_text(values: np.ndarray) -> str:
