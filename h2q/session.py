@@ -1,21 +1,27 @@
 """The model in use and a conversation with it over a persistent KV cache: what infer.py's one-shot
 mode and h2q/chat.py's REPL and demo share.
 
-* `Session`: the checkpoint's float weights, loaded once and kept; the variant in use (the float model,
-  or an int8/int4 copy quantized from the kept weights by h2q/quant.py, made once per mode, so `/quant`
-  never re-reads the disk); the LoRA adapter on top (h2q/lora.py, applied unmerged, so it also runs
-  over a quantized base as in QLoRA). An adapter is a folder, or an agent of an evolve run named by id
-  (`a0013`) or slot number, taken from the run's newest committed cycle of `--run` or of the newest run
-  under checkpoints/evolve/ (h2q/evolve/records.py reads the run folder; the apps hand its
-  `resolve_adapter` to the session, which itself knows only folders).
+* `InferConfig`: every infer.py flag, made of four groups (`OPTION_GROUPS`: model, generation,
+  sampling, run) that --help shows as its sections.
+* `Session`: the checkpoint's float weights, loaded once, checked finite once and kept; the variant
+  in use (the float model, or an int8/int4 copy quantized from the kept weights by h2q/quant.py, made
+  once per mode, so `/quant` never re-reads the disk); the LoRA adapter on top (h2q/lora.py, applied
+  unmerged, so it also runs over a quantized base as in QLoRA); torch's thread count (h2q.perf's
+  `ThreadPolicy`: measured unless --threads fixes it, checked again before each generation). An
+  adapter is a folder, or an agent of an evolve run named by id (`a0013`) or slot number, taken from
+  the run's newest committed cycle of `--run` or of the newest run under checkpoints/evolve/
+  (h2q/evolve/records.py reads the run folder; the apps hand its `resolve_adapter` to the session,
+  which itself knows only folders). `--compile` covers float and quantized weights alike.
 * `Conversation`: a byte-level base model continues text, it was never taught to chat, so a
   conversation is one running document: EOT (a document starts), then per turn the user's line and a
-  newline, then the model's continuation up to a blank line (or /max bytes, or EOT). `reply` prefills
-  only the new bytes into the cache it keeps and runs h2q.generate's decode loop over it, so earlier
-  turns are never recomputed. When a slot cache (full/int8/int4) has no room for the next turn plus a
-  reply, the oldest turns are dropped and the rest is re-read, said once; the evicting policies
-  (window, h2o) stream on. New weights (/quant, /adapter), a new policy or a Ctrl-C in mid-forward
-  make the next reply rebuild the cache from the text.
+  newline (left out on request: the model then goes on within the line), then the model's
+  continuation up to a blank line (or /max bytes, or EOT). `reply` prefills only the new bytes into
+  the cache it keeps and runs h2q.generate's decode loop over it (the repetition penalty looks back
+  over the conversation's text), so earlier turns are never recomputed. When a slot cache
+  (full/int8/int4) has no room for the next turn plus a reply, the oldest turns are dropped and the
+  rest is re-read, said once; the evicting policies (window, h2o) stream on. New weights (/quant,
+  /adapter), a new policy, a Ctrl-C in mid-forward or a library error make the next reply rebuild the
+  cache from the text.
 """
 from __future__ import annotations
 
@@ -29,11 +35,11 @@ import torch
 
 from h2q.checkpoint import load_adapter, load_model
 from h2q.config import check_options, option
-from h2q.errors import H2QError
+from h2q.errors import FileFormatError, H2QError
 from h2q.generate import check_sampling, compiled_decoder, decode
 from h2q.kvcache import make_cache, policies, prefill
 from h2q.lora import count_bytes
-from h2q.perf import resolve_device
+from h2q.perf import ThreadPolicy, resolve_device
 from h2q.quant import describe, model_bytes, quant_scheme, quantize
 from h2q.tokenizer import EOT, encode
 
@@ -43,27 +49,58 @@ STOP = [NEWLINE, NEWLINE]  # a blank line ends a reply
 
 
 @dataclass
-class InferConfig:
+class ModelOptions:
     ckpt: str = option("checkpoints/base", "model checkpoint folder (or model.safetensors file)")
-    prompt: str | None = option(None, "one-shot: continue TEXT ('-' reads stdin); stdout gets only the new text")
-    interactive: bool = option(False, "open the chat REPL")
-    mode: str = option("auto", "auto: one-shot with --prompt, else the REPL; demo: a scripted tour",
-                      choices=["auto", "chat", "demo"])
     adapter: str = option("none", "LoRA adapter: a folder, an agent id (a0013) or slot number of an evolve run, "
                                   "or none")
     run: str | None = option(None, "evolve run folder for agent ids; none = the newest under checkpoints/evolve")
     quant: str = option("none", "weight quantization applied after loading", choices=list(QUANT_MODES))
     group_size: int = option(64, "int4 group size", choices=[32, 64, 128])
-    kv: str = option("full", "KV-cache policy", choices=list(policies()))
+
+
+@dataclass
+class GenerationOptions:
+    prompt: str | None = option(None, "one-shot: continue TEXT ('-' reads stdin); stdout gets only the new text")
+    interactive: bool = option(False, "open the chat REPL")
+    mode: str = option("auto", "auto: one-shot with --prompt, else the REPL; demo: a scripted tour",
+                      choices=["auto", "chat", "demo"])
     max_new_tokens: int = option(200, "bytes to generate at most (per reply in the REPL)", at_least=1)
+    kv: str = option("full", "KV-cache policy", choices=list(policies()))
+
+
+@dataclass
+class SamplingOptions:
+    """The sampler's settings (h2q.generate.sample_next); the defaults of min_p and repeat_penalty are
+    the choice of scripts/sweep_sampling.py (the README has its table)."""
     temperature: float = option(0.8, "sampling temperature (0 = greedy)", at_least=0, at_most=100)
     top_k: int = option(0, "keep the k most likely bytes (0 = off)", at_least=0)
     top_p: float = option(0.95, "nucleus sampling mass (1 = off)", above=0, at_most=1)
-    seed: int | None = option(None, "random seed, the same seed gives the same text; none = a fresh one each run",
-                             at_least=0, below=2**63)
-    compile: bool = option(False, "torch.compile the decode steps of float weights: a one-time compile per KV "
-                                 "policy and adapter shape, then faster decoding (scripts/bench_kv.py measures it)")
+    min_p: float = option(0.0, "drop bytes less likely than MIN_P times the likeliest (0 = off)", at_least=0,
+                          at_most=1)
+    repeat_penalty: float = option(1.0, "llama.cpp's repetition penalty on the bytes of the last --repeat-last-n "
+                                        "(1 = off)", above=0, at_most=10)
+    repeat_last_n: int = option(64, "bytes the repetition penalty looks back over (0 = off, -1 = all the text)",
+                                at_least=-1)
+    seed: int | None = option(None, "random seed, the same seed gives the same text; none = a fresh one, "
+                                    "printed so that it can be given again", at_least=0, below=2**63)
+
+
+@dataclass
+class RunOptions:
     device: str = option("auto", "auto, cpu or cuda")
+    threads: int = option(0, "torch CPU threads; 0 = chosen by a short measured probe (all cores, or one when "
+                             "a busy machine makes one faster), re-measured between replies", at_least=0)
+    compile: bool = option(False, "torch.compile the decode steps: a one-time compile per KV policy and adapter "
+                                  "shape, then faster decoding (scripts/bench_kv.py measures it)")
+
+
+OPTION_GROUPS = {"model": ModelOptions, "generation": GenerationOptions, "sampling": SamplingOptions,
+                 "run": RunOptions}  # the --help sections of infer.py
+
+
+@dataclass
+class InferConfig(RunOptions, SamplingOptions, GenerationOptions, ModelOptions):
+    """Every infer.py flag (the fields of OPTION_GROUPS' classes)."""
 
     def __post_init__(self):
         check_options(self)
@@ -72,8 +109,14 @@ class InferConfig:
         """Keyword arguments for h2q.generate (after checking them)."""
         check_options(self)
         top_k, top_p = self.top_k or None, (self.top_p if self.top_p < 1 else None)
-        check_sampling(self.temperature, top_k, top_p)
-        return dict(temperature=self.temperature, top_k=top_k, top_p=top_p)
+        check_sampling(self.temperature, top_k, top_p, self.min_p or None, self.repeat_penalty, self.repeat_last_n)
+        return dict(temperature=self.temperature, top_k=top_k, top_p=top_p, min_p=self.min_p or None,
+                    repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n)
+
+
+def fresh_seed() -> int:
+    """A random seed for a run given none (31 bits: short to retype)."""
+    return int.from_bytes(os.urandom(4), "little") >> 1
 
 
 # -- adapters by folder ---------------------------------------------------------------------------------
@@ -89,16 +132,28 @@ def adapter_folder(spec: str, run: str | None = None) -> tuple[Path, str] | None
 
 
 # -- the model in use ----------------------------------------------------------------------------------
-class Session:
-    """Float weights loaded once; the variant in use (`model`), derived from them; the adapter."""
+def check_finite(module: torch.nn.Module, what: str) -> None:
+    """One pass over `module`'s float tensors at load: NaN or inf there would only surface later as
+    logits nothing can be sampled from."""
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FileFormatError(f"{what}: tensor {name} holds NaN or inf values, so the weights are damaged; "
+                                  f"retrain them or restore a good copy")
 
-    def __init__(self, cfg: InferConfig, resolve=adapter_folder):
+
+class Session:
+    """Float weights loaded once; the variant in use (`model`), derived from them; the adapter; the
+    torch thread count (`threads`, an h2q.perf.ThreadPolicy: check it before each generation)."""
+
+    def __init__(self, cfg: InferConfig, resolve=adapter_folder, threads: ThreadPolicy | None = None):
         self.cfg, self.resolve = cfg, resolve  # resolve(spec, run) -> (adapter folder, label) or None
         self.device = resolve_device(cfg.device)
+        self.threads = threads or ThreadPolicy(cfg.threads)
         self.float_model, self.metadata = load_model(cfg.ckpt, self.device)
+        check_finite(self.float_model, f"checkpoint {cfg.ckpt}")
         self.model = self.float_model
         self.quantized = {}  # (mode, group size) -> a copy quantized from the float weights, made once
-        self.adapter, self.adapter_label = None, "none"
+        self.adapter, self.adapter_label, self.adapter_dir = None, "none", None
         self.set_quant(cfg.quant)
         self.set_adapter(cfg.adapter)
 
@@ -108,9 +163,7 @@ class Session:
 
     @property
     def compiled(self) -> bool:
-        """--compile covers float weights only: with int8/int4 layers torch.compile produced wrong
-        bytes (their CPU kernels and packed layouts do not trace), so those decode eagerly."""
-        return self.cfg.compile and quant_scheme(self.model) is None
+        return self.cfg.compile
 
     @property
     def decoder(self):
@@ -137,13 +190,14 @@ class Session:
     def set_adapter(self, spec: str) -> None:
         found = self.resolve(spec, self.cfg.run)
         if found is None:
-            self.adapter, self.adapter_label = None, "none"
+            self.adapter, self.adapter_label, self.adapter_dir = None, "none", None
         else:  # fitted against the float base: a quantized copy keeps its fingerprint
-            self.adapter = load_adapter(found[0], self.float_model, self.device).eval()
-            self.adapter_label = found[1]
+            adapter = load_adapter(found[0], self.float_model, self.device).eval()
+            check_finite(adapter, f"adapter {found[0]}")
+            self.adapter, self.adapter_label, self.adapter_dir = adapter, found[1], Path(found[0])
 
     def weights_label(self) -> str:
-        compiled = ", decode compiled" if self.compiled else ", eager (--compile: float only)" * self.cfg.compile
+        compiled = ", decode compiled" if self.compiled else ""
         return f"{describe(self.model)}, {model_bytes(self.model) / 1e6:.2f} MB{compiled}"
 
     def adapter_text(self) -> str:
@@ -173,7 +227,7 @@ class Conversation:
         self.session, self.max_len = session, max_len or session.config.context_len
         self.set_policy(policy)
         seed = session.cfg.seed
-        self.set_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 1)
+        self.set_seed(seed if seed is not None else fresh_seed())
         self.notices: set[str] = set()
         self.last: Reply | None = None
         self.reset()
@@ -206,13 +260,14 @@ class Conversation:
             self.notices.add(key)
             say(text)
 
-    def _frame(self, text: bytes) -> list[int]:
-        """The user's line as ids, after a blank line if the previous reply did not end with one."""
+    def _frame(self, text: bytes, newline: bool = True) -> list[int]:
+        """The user's line as ids, after a blank line if the previous reply did not end with one, and
+        ended by a newline unless `newline` is False (the model then goes on within the line)."""
         if self.tokens[-1] == EOT or self.tokens[-2:] == STOP:
             sep = []
         else:
             sep = [NEWLINE] if self.tokens[-1] == NEWLINE else STOP
-        return sep + encode(text) + [NEWLINE]
+        return sep + encode(text) + [NEWLINE] * newline
 
     def _fit(self, turn: list[int], say) -> list[int]:
         """Slot caches: make room for `turn` and a reply by dropping the oldest turns, or, when the
@@ -234,19 +289,20 @@ class Conversation:
                      f"dropped and the rest re-read (said once; /kv window streams on instead)]", say)
         return turn
 
-    def reply(self, text: bytes | None, on_token, say=print) -> Reply:
-        """Add the user's line (None: let the model go on where it stopped) and generate the answer,
-        streaming each byte to on_token. Ctrl-C ends it early (ended='stopped')."""
+    def reply(self, text: bytes | None, on_token, say=print, newline: bool = True) -> Reply:
+        """Add the user's line (None: let the model go on where it stopped; `newline` False: without
+        the newline that ends it) and generate the answer, streaming each byte to on_token. Ctrl-C
+        ends it early (ended='stopped'); a library error forgets the cache and is raised."""
         cfg, session = self.session.cfg, self.session
         sampling = cfg.sampling()
-        turn = [] if text is None else self._frame(text)
+        turn = [] if text is None else self._frame(text, newline)
         if not self.evicts:
             turn = self._fit(turn, say)
         elif len(self.tokens) + len(turn) > self.max_len:
             self._notice("stream", f"[past the {self.max_len}-byte cache: {self.policy} keeps streaming and "
                          f"forgets the oldest bytes]", say)
         if text is not None:  # the turn starts after its separator
-            self.turns.append(len(self.tokens) + max(0, len(turn) - len(text) - 1))
+            self.turns.append(len(self.tokens) + max(0, len(turn) - len(text) - newline))
         self.tokens += turn
         new, ended, prefill_s, start = [], "stopped", 0.0, time.perf_counter()
         pending = []
@@ -264,6 +320,9 @@ class Conversation:
                 ended = self._decode(logits, new, on_token, sampling)
         except KeyboardInterrupt:
             self.invalidate()  # a forward may have stopped halfway through the layers
+        except H2QError:
+            self.invalidate()
+            raise
         self.last = Reply(new, len(pending), prefill_s, time.perf_counter() - start, ended)
         return self.last
 
@@ -272,7 +331,7 @@ class Conversation:
         for the next one (so a reply's last byte waits in the text for the next prefill)."""
         session, max_new = self.session, self.session.cfg.max_new_tokens
         for tokens in decode(session.decoder, self.cache, logits, adapters=session.adapter,
-                             generator=self.generator, **sampling):
+                             history=[self.tokens], generator=self.generator, **sampling):
             token = int(tokens)
             self.tokens.append(token)
             if token == EOT:
