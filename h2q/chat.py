@@ -25,7 +25,7 @@ import torch
 
 from h2q.errors import ConfigError, H2QError
 from h2q.evolve import ACTIONS, World, WorldConfig, agent, obs_len, records, same_view_planner
-from h2q.evolve.world import render_text
+from h2q.evolve.render import render_text
 from h2q.generate import stream_to
 from h2q.kvcache import policies
 from h2q.lora import AdapterBank
@@ -252,7 +252,7 @@ class Repl:
             raise H2QError("/observe needs an evolve agent's adapter: /adapter AGENT_ID or SLOT first")
         if self.probe is None:
             self.probe = AgentProbe(s.model, s.adapter, run)
-        probe, planned = self.probe, None
+        probe, planned, where = self.probe, None, ""
         if text:
             obs = np.frombuffer(text.encode("utf-8", errors="surrogateescape"), dtype=np.uint8)[None]  # (1, L)
             if obs.shape[1] != probe.obs_len:
@@ -263,8 +263,8 @@ class Repl:
             world, planner = world_scene(probe.world, 1, seed, ticks=seed % 40)
             obs = world.observe()  # (1, L)
             planned = chr(ACTIONS[int(planner.act(obs, world.alive)[0])])
+            where = f" ({probe.world.level} level, world seed {seed}, tick {world.t})"
         probs = probe.probabilities(obs)[0]
-        where = "" if text else f" ({probe.world.level} level, world seed {seed}, tick {world.t})"
         self.say(f"observation {bytes(obs[0]).decode('utf-8', errors='replace')}{where}")
         self.say("  " + "  ".join(f"{chr(a)} {p:4.0%}" for a, p in zip(ACTIONS, probs)))
         best = chr(ACTIONS[int(probs.argmax())])

@@ -22,13 +22,13 @@ from h2q.generate import generate, stream_to
 from h2q.session import OPTION_GROUPS, InferConfig, Session, fresh_seed
 
 EXAMPLES = """examples:
-  python infer.py --prompt "def main():"                 continue a prompt (figures and seed on stderr)
-  python infer.py --prompt "import " --seed 7            the same text again: the seed a run printed
-  python infer.py --interactive                          the REPL (/help inside)
-  python infer.py --interactive --adapter a0013          talk to an evolved agent (/observe in the REPL)
-  python infer.py --mode demo                            a guided tour: text, quantization, KV caches, agents
-  python infer.py --prompt - --quant int4 --kv h2o < f   int4 weights and an evicting KV cache
-  python infer.py --prompt "x = " --repeat-penalty 1 --min-p 0   the sampler without its guards
+  python infer.py --prompt "def main():"             continue a prompt (figures and the seed on stderr)
+  python infer.py --prompt "import " --seed 7        the same text again: give the seed a run printed
+  python infer.py --interactive                      the REPL (/help inside; end a line with \\ to go on in it)
+  python infer.py --interactive --adapter a0013      an evolved agent: /observe shows its actions
+  python infer.py --mode demo                        a guided tour: text, quantization, KV caches, agents
+  python infer.py --prompt - --quant int4 --kv h2o   stdin as the prompt, int4 weights, an evicting KV cache
+  python infer.py --prompt "x" --threads 1           one torch thread, not measured
 """
 
 

@@ -26,6 +26,7 @@ mode and h2q/chat.py's REPL and demo share.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -35,11 +36,11 @@ import torch
 
 from h2q.checkpoint import load_adapter, load_model
 from h2q.config import check_options, option
-from h2q.errors import FileFormatError, H2QError
+from h2q.errors import H2QError
 from h2q.generate import check_sampling, compiled_decoder, decode
 from h2q.kvcache import make_cache, policies, prefill
 from h2q.lora import count_bytes
-from h2q.perf import ThreadPolicy, resolve_device
+from h2q.perf import ThreadPolicy, probe_seconds, resolve_device
 from h2q.quant import describe, model_bytes, quant_scheme, quantize
 from h2q.tokenizer import EOT, encode
 
@@ -89,7 +90,8 @@ class SamplingOptions:
 class RunOptions:
     device: str = option("auto", "auto, cpu or cuda")
     threads: int = option(0, "torch CPU threads; 0 = chosen by a short measured probe (all cores, or one when "
-                             "a busy machine makes one faster), re-measured between replies", at_least=0)
+                             "a busy machine makes one faster), measured again before a reply at most once a minute",
+                          at_least=0)
     compile: bool = option(False, "torch.compile the decode steps: a one-time compile per KV policy and adapter "
                                   "shape, then faster decoding (scripts/bench_kv.py measures it)")
 
@@ -132,13 +134,10 @@ def adapter_folder(spec: str, run: str | None = None) -> tuple[Path, str] | None
 
 
 # -- the model in use ----------------------------------------------------------------------------------
-def check_finite(module: torch.nn.Module, what: str) -> None:
-    """One pass over `module`'s float tensors at load: NaN or inf there would only surface later as
-    logits nothing can be sampled from."""
-    for name, tensor in module.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise FileFormatError(f"{what}: tensor {name} holds NaN or inf values, so the weights are damaged; "
-                                  f"retrain them or restore a good copy")
+# A reply waits on the thread probe: one timing per thread count (best of two interleaved, not of six),
+# and at most once a minute, since on a loaded machine the probe at all cores takes a second or more.
+PROBE_EVERY_S = 60.0
+quick_probe = functools.partial(probe_seconds, repeats=1)
 
 
 class Session:
@@ -148,9 +147,8 @@ class Session:
     def __init__(self, cfg: InferConfig, resolve=adapter_folder, threads: ThreadPolicy | None = None):
         self.cfg, self.resolve = cfg, resolve  # resolve(spec, run) -> (adapter folder, label) or None
         self.device = resolve_device(cfg.device)
-        self.threads = threads or ThreadPolicy(cfg.threads)
+        self.threads = threads or ThreadPolicy(cfg.threads, every_s=PROBE_EVERY_S, probe=quick_probe)
         self.float_model, self.metadata = load_model(cfg.ckpt, self.device)
-        check_finite(self.float_model, f"checkpoint {cfg.ckpt}")
         self.model = self.float_model
         self.quantized = {}  # (mode, group size) -> a copy quantized from the float weights, made once
         self.adapter, self.adapter_label, self.adapter_dir = None, "none", None
@@ -193,7 +191,6 @@ class Session:
             self.adapter, self.adapter_label, self.adapter_dir = None, "none", None
         else:  # fitted against the float base: a quantized copy keeps its fingerprint
             adapter = load_adapter(found[0], self.float_model, self.device).eval()
-            check_finite(adapter, f"adapter {found[0]}")
             self.adapter, self.adapter_label, self.adapter_dir = adapter, found[1], Path(found[0])
 
     def weights_label(self) -> str:

@@ -1,7 +1,7 @@
 """Sweep the sampler's settings and measure what infer.py's defaults are chosen from.
 
-For every point of a grid of (temperature, top-p, min-p, repetition penalty), the same prompts are
-continued in one batch (h2q.generate.generate_batch, one seed per round) and two figures are taken:
+For every point of a grid of (temperature, top-p, min-p, repetition penalty and its window), the
+same prompts are continued in one batch (h2q.generate.generate_batch, one seed per round) and two figures are taken:
 
 * non-blank: the share of outputs that are not blank, blank meaning 80% or more whitespace bytes
   (an empty output counts as blank): the first-sample failure a byte model falls into, a run of
@@ -16,7 +16,8 @@ each cut after its first few words (at most 24 bytes), as a user would type `def
 
 The choice (printed last): the highest non-blank share, ties broken by the lowest bits/byte (the most
 conventional text among the points that are least often blank). Greedy (temperature 0) points vary
-the penalty only, since top-p and min-p do not change an argmax. Each round of sampling uses its own
+the penalty only, since top-p and min-p do not change an argmax, and points without a penalty are
+not repeated per window. Each round of sampling uses its own
 seed for all points, so the points are compared on the same random numbers.
 
     python scripts/sweep_sampling.py --ckpt checkpoints/base            # a few minutes on 2 cores (mini)
@@ -86,12 +87,12 @@ def bits_per_byte(model, prompts: list[bytes], outputs: list[list[int]]) -> floa
     return float(nll[mask].sum() / max(int(mask.sum()), 1) / math.log(2))
 
 
-def grid(temperatures, top_ps, min_ps, penalties):
-    """Sweep points; greedy ones vary the penalty only."""
-    for t, p, m, r in itertools.product(temperatures, top_ps, min_ps, penalties):
-        if t == 0 and (p, m) != (top_ps[0], min_ps[0]):
+def grid(temperatures, top_ps, min_ps, penalties, windows):
+    """Sweep points; greedy ones vary the penalty only, unpenalized ones take the first window."""
+    for t, p, m, r, n in itertools.product(temperatures, top_ps, min_ps, penalties, windows):
+        if (t == 0 and (p, m) != (top_ps[0], min_ps[0])) or (r == 1 and n != windows[0]):
             continue
-        yield {"temperature": t, "top_p": p, "min_p": m, "repeat_penalty": r}
+        yield {"temperature": t, "top_p": p, "min_p": m, "repeat_penalty": r, "repeat_last_n": n}
 
 
 def numbers(kind):
@@ -113,9 +114,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="rounds of sampling, one seed each (default: %(default)s)")
     parser.add_argument("--temperatures", type=numbers(float), default=[0.0, 0.6, 0.8, 1.0])
     parser.add_argument("--top-ps", type=numbers(float), default=[0.95, 1.0])
-    parser.add_argument("--min-ps", type=numbers(float), default=[0.0, 0.05, 0.1])
+    parser.add_argument("--min-ps", type=numbers(float), default=[0.0, 0.05])
     parser.add_argument("--repeat-penalties", type=numbers(float), default=[1.0, 1.1, 1.2, 1.3])
-    parser.add_argument("--repeat-last-n", type=int, default=64, help="the penalty's window (default: %(default)s)")
+    parser.add_argument("--repeat-last-ns", type=numbers(int), default=[16, 64], help="the penalty's windows")
     parser.add_argument("--threads", type=int, default=0, help="torch threads, 0 = measured (default: %(default)s)")
     parser.add_argument("--show", type=int, default=3, help="outputs of the chosen point to print (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -127,31 +128,32 @@ def main(argv=None) -> int:
     new = min(args.max_new_tokens, room)
     reference = bits_per_byte(model, prompts, [list(f[:new]) for f in follows])
     print(f"{args.ckpt}: {len(prompts)} held-out line starts (e.g. {prompts[0]!r}, {prompts[1]!r}), {new} bytes each, "
-          f"{args.seeds} seed(s), penalty window {args.repeat_last_n} | threads {threads.describe()}")
+          f"{args.seeds} seed(s) | threads {threads.describe()}")
     print(f"reference: the held-out text after the same prompts scores {reference:.3f} bits/byte\n")
-    header = f"{'temp':>5} {'top-p':>5} {'min-p':>5} {'repeat':>6} | {'non-blank':>9} {'bits/byte':>9} {'s':>5}"
+    header = f"{'temp':>5} {'top-p':>5} {'min-p':>5} {'repeat':>6} {'last-n':>6} | {'non-blank':>9} {'bits/byte':>9} {'s':>5}"
     print(header)
     print("-" * len(header))
     results = []
     start_all = time.perf_counter()
-    for point in grid(args.temperatures, args.top_ps, args.min_ps, args.repeat_penalties):
+    for point in grid(args.temperatures, args.top_ps, args.min_ps, args.repeat_penalties, args.repeat_last_ns):
         threads.check()
         start = time.perf_counter()
         outputs = []
         for seed in range(args.seeds):
             outputs += generate_batch(model, prompts, new, seed=seed, stop=(tokenizer.EOT,),
-                                      repeat_last_n=args.repeat_last_n, top_p=point["top_p"] if point["top_p"] < 1 else None,
-                                      min_p=point["min_p"] or None, temperature=point["temperature"],
-                                      repeat_penalty=point["repeat_penalty"])
+                                      top_p=point["top_p"] if point["top_p"] < 1 else None, min_p=point["min_p"] or None,
+                                      temperature=point["temperature"], repeat_penalty=point["repeat_penalty"],
+                                      repeat_last_n=point["repeat_last_n"])
         non_blank = 1 - sum(map(is_blank, outputs)) / len(outputs)
         bpb = bits_per_byte(model, prompts * args.seeds, outputs)
         results.append((point, non_blank, bpb, outputs))
-        print(f"{point['temperature']:5.2f} {point['top_p']:5.2f} {point['min_p']:5.2f} {point['repeat_penalty']:6.2f} | "
+        print(f"{point['temperature']:5.2f} {point['top_p']:5.2f} {point['min_p']:5.2f} {point['repeat_penalty']:6.2f} "
+              f"{point['repeat_last_n'] if point['repeat_penalty'] != 1 else '-':>6} | "
               f"{non_blank:9.0%} {bpb:9.3f} {time.perf_counter() - start:5.1f}", flush=True)
     point, non_blank, bpb, outputs = min(results, key=lambda r: (-r[1], r[2]))
     print(f"\n{len(results)} points in {time.perf_counter() - start_all:.0f} s. Chosen: temperature {point['temperature']:g}, "
           f"top-p {point['top_p']:g}, min-p {point['min_p']:g}, repeat penalty {point['repeat_penalty']:g} "
-          f"(window {args.repeat_last_n}): {non_blank:.0%} non-blank, {bpb:.3f} bits/byte (the held-out text: "
+          f"over the last {point['repeat_last_n']} bytes: {non_blank:.0%} non-blank, {bpb:.3f} bits/byte (the held-out text: "
           f"{reference:.3f})")
     for prompt, out in list(zip(prompts, outputs))[:args.show]:
         print(f"  {prompt.decode('utf-8', 'replace')!r} -> {bytes(out).decode('utf-8', 'replace')[:100]!r}")

@@ -4,6 +4,7 @@ demo, agents of committed cycles only, clear errors, the air gap, and imports in
 the thread count chosen by an injected probe before one-shot and every reply, the figures line, a
 trailing backslash, /observe and the demo's agents, NaN weights and infinite temperatures refused."""
 import ast
+import dataclasses
 import json
 import os
 import re
@@ -497,9 +498,18 @@ def test_nan_weights_and_infinite_temperature_are_one_line(ckpt, tmp_path, capsy
     save_model(tmp_path / "nan", broken)
     assert run_main(infer.main, ["--ckpt", str(tmp_path / "nan"), "--prompt", "hi", "--threads", "1"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1 and "tensor layers.1.mlp.up_proj.weight holds NaN or inf" in err
+    assert out == "" and err.count("\n") == 1 and "layers.1.mlp.up_proj.weight holds nan or inf" in err
     assert "probability tensor" not in err
     for value in ("inf", "1e308", "nan"):
         assert run_main(infer.main, ["--ckpt", str(ckpt / "base"), "--prompt", "hi", "--temperature", value]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err.count("\n") == 1 and err.startswith("error: --temperature must be")
+
+
+def test_help_is_grouped_with_examples_last_and_each_default_once():
+    text = infer.make_parser().format_help()
+    sections = [text.index(f"\n{name}:\n") for name in ("model", "generation", "sampling", "run", "examples")]
+    assert sections == sorted(sections) and text.rstrip().endswith(infer.EXAMPLES.splitlines()[-1].strip())
+    flags = re.split(r"\n  (?=--)", text[sections[0]:sections[-1]])[1:]
+    assert len(flags) == len(dataclasses.fields(InferConfig)) and all(f.count("(default") <= 1 for f in flags)
+    assert "--repeat-penalty" in text and "--min-p" in text and "--threads" in text
