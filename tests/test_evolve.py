@@ -302,3 +302,29 @@ def test_torchrun_two_processes(tmp_path):
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (out / "state").iterdir()) == ["env_c002_r0.safetensors", "env_c002_r1.safetensors",
                                                                   "evolve_state.safetensors"]
+
+
+def test_keep_cycles_prunes_only_after_the_commit(tmp_path, monkeypatch):
+    """--keep-cycles 1: a kill after cycle 2's folder is written but before its commit leaves cycle 1's
+    folder (the committed one) for readers and resume; after a full run only the newest folder is left."""
+    def config(out, cycles, resume=False):
+        return EvolveConfig(base="random", preset="tiny", out=str(out), cycles=cycles, agents=4, steps=4,
+                            eval_episodes=1, lora_rank=2, device="cpu", threads=1, progress=False,
+                            keep_cycles=1, resume=resume)
+
+    from h2q.evolve import records
+    save_state = records.save_state
+
+    def killed_at_commit_2(out, cycle, *args, **kwargs):
+        if cycle == 2:
+            raise KeyboardInterrupt
+        return save_state(out, cycle, *args, **kwargs)
+
+    monkeypatch.setattr(records, "save_state", killed_at_commit_2)
+    assert evolve(config(tmp_path, 2), BreedConfig(), TextConfig())["interrupted"]
+    monkeypatch.undo()
+    assert records.committed(tmp_path)[0] == 1
+    assert list(records.committed_cycles(tmp_path)) == [1]
+    assert (tmp_path / "cycle_001" / "agent_00" / checkpoint.ADAPTER_FILE).is_file()
+    evolve(config(tmp_path, 3, resume=True), BreedConfig(), TextConfig())
+    assert sorted(records.cycle_dirs(tmp_path)) == [3]

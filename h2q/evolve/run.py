@@ -281,7 +281,7 @@ class Runner:
         record, replaced = None, []
         if self.lead:
             pop.record_fitness(ev.fitness)
-            records.save_cycle(self.out, c, pop, self.model, cfg.keep_cycles)
+            records.save_cycle(self.out, c, pop, self.model)
             for name, content in ev.files.items():
                 checkpoint.atomic_write_json(records.cycle_dir(self.out, c) / name, content)
             spread = diversity(pop.bank)
@@ -322,7 +322,7 @@ class Runner:
         records.save_env_state(self.out, c, self.group.rank, self.env.state_tensors())
         self.group.barrier()
         if self.lead:
-            records.save_state(self.out, c, self.population, self.history, self.group.size)
+            records.save_state(self.out, c, self.population, self.history, self.group.size, self.cfg.keep_cycles)
         self.group.barrier()
         self.done = c
 
