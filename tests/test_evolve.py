@@ -328,3 +328,25 @@ def test_keep_cycles_prunes_only_after_the_commit(tmp_path, monkeypatch):
     assert (tmp_path / "cycle_001" / "agent_00" / checkpoint.ADAPTER_FILE).is_file()
     evolve(config(tmp_path, 3, resume=True), BreedConfig(), TextConfig())
     assert sorted(records.cycle_dirs(tmp_path)) == [3]
+
+
+def test_threads_are_measured_when_not_given(tmp_path, monkeypatch, capsys):
+    """--threads 0: the runner takes h2q.perf's measured choice (here an injected probe that finds one
+    thread faster, as on a busy CPU) and records it per cycle."""
+    from h2q import perf
+    from h2q.evolve import run
+
+    class BusyMachine(perf.ThreadPolicy):
+        def __init__(self, requested=0):
+            super().__init__(requested, probe=lambda threads: 1.0 if threads == 1 else 3.0, env={})
+
+    monkeypatch.setattr(run, "ThreadPolicy", BusyMachine)
+    monkeypatch.setattr(perf.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    cfg = EvolveConfig(base="random", preset="tiny", out=str(tmp_path), cycles=1, agents=2, steps=2,
+                       eval_episodes=1, lora_rank=2, device="cpu", threads=0, progress=False)
+    try:
+        evolve(cfg, BreedConfig(), TextConfig())
+    finally:
+        torch.set_num_threads(1)
+    assert "threads 1 of 2 (measured)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["threads"] == 1
