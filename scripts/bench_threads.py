@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = re.compile(r"\[h2q\] (\d+) bytes in ([\d.]+) s \(([\d.]+) bytes/s.*\| threads ([^|]+)\|")
+FIGURES = re.compile(r"\[h2q\] (\d+) bytes in ([\d.]+) s \(([\d.]+) bytes/s(?:.*\| threads ([^|]+)\|)?")
 
 
 def arms(before: Path | None) -> dict[str, tuple[Path, list[str], dict]]:
@@ -54,7 +54,7 @@ def run_once(root: Path, flags: list[str], env: dict, args) -> dict:
     match = FIGURES.search(done.stderr)
     if done.returncode != 0 or match is None:
         raise SystemExit(f"error: {' '.join(cmd)} failed (exit {done.returncode}): {done.stderr.strip()[-300:]}")
-    return {"bytes_per_s": float(match.group(3)), "wall_s": wall, "load": load, "threads": match.group(4).strip()}
+    return {"bytes_per_s": float(match.group(3)), "wall_s": wall, "load": load, "threads": (match.group(4) or "torch's default").strip()}
 
 
 def main(argv=None) -> int:
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=3, help="runs of each arm per condition (default: %(default)s)")
     parser.add_argument("--before", type=Path, default=None, help="another checkout's root: its infer.py as arm 'before'")
-    parser.add_argument("--conditions", default="idle,busy", help="idle, busy or both (default: %(default)s)")
+    parser.add_argument("--conditions", default="as-is,busy", help="as-is (the machine as it is), busy (a busy loop beside), or both (default: %(default)s)")
     args = parser.parse_args(argv)
     args.ckpt = args.ckpt.resolve()
     table = arms(args.before.resolve() if args.before else None)
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     results = {}
     for condition in args.conditions.split(","):
         busy = None
-        if condition == "busy":
+        if condition == "busy":  # one more job holding a core
             busy = subprocess.Popen([sys.executable, "-c", "while 1: pass"], preexec_fn=lambda: os.nice(0))
             time.sleep(1.0)
         try:
