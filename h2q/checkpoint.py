@@ -229,3 +229,118 @@ def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
                                       f"its config needs {tuple(t.shape)}; re-save the adapter")
             t.copy_(tensors[k])
     return adapter.to(device if device is not None else base_model.embed.weight.device)
+
+
+# -- KV caches: a conversation's text and the cache that holds it ------------------------------------
+import hashlib  # noqa: E402  (this section's own imports, kept with it)
+
+from h2q.kvcache import cache_from_state  # noqa: E402
+
+CACHE_FORMAT = "h2q-kvcache-v1"
+
+
+def adapter_fingerprint(adapters) -> str:
+    """What `adapters` (h2q/lora.py) adds to the base, as 16 hex digits of sha256 over its config and
+    tensors ('none' for None); a bound bank also by each row's slot (-1: the base alone)."""
+    if adapters is None:
+        return "none"
+    module, rows = adapters, None
+    if hasattr(adapters, "bank"):  # lora.BoundBank
+        module = adapters.bank
+        rows = torch.where(adapters.row_scale.view(-1) != 0, adapters.rows, -1).tolist()
+    h = hashlib.sha256(json.dumps([repr(module.config), rows]).encode())
+    for p in module.parameters():
+        h.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _weights_identity(model: Transformer) -> str:
+    return model.quant_scheme.to_json() if model.quant_scheme is not None else "float"
+
+
+def _cache_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes) and every other metadata entry."""
+    h = hashlib.sha256(json.dumps(sorted(metadata.items())).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_cache(path: str | Path, cache, model: Transformer, text_ids=None, adapters=None,
+               extra: dict | None = None) -> Path:
+    """Write a KV cache (h2q/kvbase.py `state_dict`) as one safetensors file, atomically: tensors
+    `cache.NAME`, `text_ids` (int32, the text the cache was made from, if given) and `extra.KEY` for
+    tensor values of `extra`; metadata: the cache's policy, options, sizes and counters, the model's
+    config, base fingerprint and weights (float or its quantization scheme), the identity of
+    `adapters` (`adapter_fingerprint`), the other `extra` values as JSON, and a checksum of it all."""
+    if getattr(cache, "prefix", None) is not None:
+        raise H2QError("this cache reads a shared prefix, which is not saved with it; save a cache of its own")
+    state = cache.state_dict()
+    tensors = {f"cache.{name}": t for name, t in state.pop("tensors").items()}
+    if text_ids is not None:
+        tensors["text_ids"] = torch.as_tensor(list(text_ids), dtype=torch.int32)
+    extra = dict(extra or {})
+    tensors.update({f"extra.{key}": extra.pop(key) for key in [k for k, v in extra.items() if torch.is_tensor(v)]})
+    try:
+        extra_json = json.dumps(extra)
+    except (TypeError, ValueError) as e:
+        raise H2QError(f"extra values of a saved cache must be JSON or tensors ({e})") from None
+    metadata = {"format": CACHE_FORMAT, "cache": json.dumps(state), "config": json.dumps(model.config.to_dict()),
+                "tokenizer": tokenizer.NAME, "base_fingerprint": model.base_fingerprint(),
+                "weights": _weights_identity(model), "adapter": adapter_fingerprint(adapters), "extra": extra_json}
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    metadata["checksum"] = _cache_checksum(flat, metadata)
+    path = Path(path)
+    save_tensors(path, flat, metadata)
+    return path
+
+
+def load_cache(path: str | Path, model: Transformer, adapters=None, device=None) -> tuple[object, list[int], dict]:
+    """Read a file of `save_cache` for `model` (with `adapters`, as when it was saved) -> (the cache on
+    `device`, default the model's; the text ids; meta: policy, options, batch_size, max_len, dtype,
+    counters, adapter, extra). A file that is not such a cache, is corrupt, or was made on another
+    base, other weights or another adapter raises FileFormatError naming it."""
+    path = Path(path)
+    tensors, metadata = read_tensors(path, "KV cache file")
+    if metadata.get("format") != CACHE_FORMAT:
+        raise FileFormatError(f"{path} is not an h2q KV cache file (no '{CACHE_FORMAT}' metadata); save one "
+                              f"with checkpoint.save_cache (the REPL's /save)")
+    stored = {k: v for k, v in metadata.items() if k != "checksum"}
+    if metadata.get("checksum") != _cache_checksum(tensors, stored):
+        raise FileFormatError(f"KV cache file {path} is corrupt (its content does not match its checksum); "
+                              f"delete it and save the conversation again")
+    try:
+        state, config, extra = (json.loads(metadata[k]) for k in ("cache", "config", "extra"))
+        saved_config = ModelConfig.from_dict(config)
+    except (KeyError, ValueError, TypeError, H2QError) as e:
+        raise FileFormatError(f"KV cache file {path} has unreadable metadata ({e}); save it again") from None
+    if not isinstance(state, dict) or not isinstance(extra, dict):
+        raise FileFormatError(f"KV cache file {path} has malformed metadata; save it again")
+    if saved_config != model.config or metadata.get("tokenizer") != tokenizer.NAME:
+        raise FileFormatError(f"KV cache file {path} was made for another base shape ({saved_config}); "
+                              f"load it with its own base")
+    if metadata.get("base_fingerprint") != model.base_fingerprint():
+        raise FileFormatError(f"KV cache file {path} was made on base {metadata.get('base_fingerprint')}, not this "
+                              f"base {model.base_fingerprint()}; load it with its own base")
+    if metadata.get("weights") != _weights_identity(model):
+        raise FileFormatError(f"KV cache file {path} was made with other weights ({metadata.get('weights')}) than "
+                              f"the model in use ({_weights_identity(model)}); use the same quantization")
+    if metadata.get("adapter") != adapter_fingerprint(adapters):
+        raise FileFormatError(f"KV cache file {path} was made with adapter {metadata.get('adapter')}, the model "
+                              f"in use has {adapter_fingerprint(adapters)}; load the same adapter first")
+    state["tensors"] = {k.removeprefix("cache."): v for k, v in tensors.items() if k.startswith("cache.")}
+    extra.update({k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")})
+    ids = tensors.get("text_ids", torch.zeros(0, dtype=torch.int32))
+    unknown = [k for k in tensors if not k.startswith(("cache.", "extra.")) and k != "text_ids"]
+    if unknown or ids.dim() != 1 or ids.dtype != torch.int32 or (ids.numel() and not 0 <= int(ids.min())
+                                                                 and int(ids.max()) <= tokenizer.PAD):
+        raise FileFormatError(f"KV cache file {path} holds unexpected tensors or text ids; save it again")
+    device = device if device is not None else model.embed.weight.device
+    try:
+        cache = cache_from_state(state, model.config, device)
+    except H2QError as e:
+        raise FileFormatError(f"KV cache file {path}: {e}") from None
+    meta = {k: v for k, v in state.items() if k != "tensors"}
+    return cache, ids.tolist(), {**meta, "adapter": metadata["adapter"], "extra": extra}
