@@ -232,9 +232,9 @@ def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
 
 
 # -- KV caches: a conversation's text and the cache that holds it ------------------------------------
-import hashlib  # noqa: E402  (this section's own imports, kept with it)
+import hashlib  # this section's own imports, kept with it
 
-from h2q.kvcache import cache_from_state  # noqa: E402
+from h2q.kvcache import cache_from_state
 
 CACHE_FORMAT = "h2q-kvcache-v1"
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,7 @@ class Router:
         self.slot = {task: i for i, task in enumerate(self.tasks)}
 
     @classmethod
-    def from_folder(cls, folder: str | Path, model: Transformer, device=None) -> "Router":
+    def from_folder(cls, folder: str | Path, model: Transformer, device=None) -> Router:
         """Every subfolder of `folder` holding an adapter is a specialist named by the subfolder; each
         is checked against `model` (h2q.checkpoint.load_adapter), then all go into one bank."""
         folder = Path(folder)
