@@ -270,17 +270,20 @@ def _cache_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) 
 
 def save_cache(path: str | Path, cache, model: Transformer, text_ids=None, adapters=None,
                extra: dict | None = None) -> Path:
-    """Write a KV cache (h2q/kvbase.py `state_dict`) as one safetensors file, atomically: tensors
-    `cache.NAME`, `text_ids` (int32, the text the cache was made from, if given) and `extra.KEY` for
-    tensor values of `extra`; metadata: the cache's policy, options, sizes and counters, the model's
-    config, base fingerprint and weights (float or its quantization scheme), the identity of
-    `adapters` (`adapter_fingerprint`), the other `extra` values as JSON, and a checksum of it all."""
+    """Write a KV cache (h2q/kvbase.py `state_dict`; None: the text alone, for a conversation whose
+    cache is to be rebuilt) as one safetensors file, atomically: tensors `cache.NAME`, `text_ids`
+    (int32, the text the cache was made from, if given) and `extra.KEY` for tensor values of
+    `extra`; metadata: the cache's policy, options, sizes and counters, the model's config, base
+    fingerprint and weights (float or its quantization scheme), the identity of `adapters`
+    (`adapter_fingerprint`), the other `extra` values as JSON, and a checksum of it all."""
     if getattr(cache, "prefix", None) is not None:
         raise H2QError("this cache reads a shared prefix, which is not saved with it; save a cache of its own")
-    state = cache.state_dict()
-    tensors = {f"cache.{name}": t for name, t in state.pop("tensors").items()}
+    state = cache.state_dict() if cache is not None else None
+    tensors = {f"cache.{name}": t for name, t in state.pop("tensors").items()} if state is not None else {}
     if text_ids is not None:
-        tensors["text_ids"] = torch.as_tensor(list(text_ids), dtype=torch.int32)
+        ids = tensors["text_ids"] = torch.as_tensor(list(text_ids), dtype=torch.int32)
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) <= tokenizer.PAD:
+            raise H2QError(f"text ids must be token ids 0..{tokenizer.PAD}")
     extra = dict(extra or {})
     tensors.update({f"extra.{key}": extra.pop(key) for key in [k for k, v in extra.items() if torch.is_tensor(v)]})
     try:
@@ -297,11 +300,11 @@ def save_cache(path: str | Path, cache, model: Transformer, text_ids=None, adapt
     return path
 
 
-def load_cache(path: str | Path, model: Transformer, adapters=None, device=None) -> tuple[object, list[int], dict]:
-    """Read a file of `save_cache` for `model` (with `adapters`, as when it was saved) -> (the cache on
-    `device`, default the model's; the text ids; meta: policy, options, batch_size, max_len, dtype,
-    counters, adapter, extra). A file that is not such a cache, is corrupt, or was made on another
-    base, other weights or another adapter raises FileFormatError naming it."""
+def read_cache_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A file of `save_cache`, checked (format, checksum, metadata, text ids) but not yet matched to a
+    model -> (tensors, info: cache (the state without tensors, or None), config, tokenizer,
+    base_fingerprint, weights, adapter, extra (JSON values and tensors), text_ids). A session may read
+    `info` first to pick the adapter or quantization the cache was made with."""
     path = Path(path)
     tensors, metadata = read_tensors(path, "KV cache file")
     if metadata.get("format") != CACHE_FORMAT:
@@ -312,35 +315,52 @@ def load_cache(path: str | Path, model: Transformer, adapters=None, device=None)
         raise FileFormatError(f"KV cache file {path} is corrupt (its content does not match its checksum); "
                               f"delete it and save the conversation again")
     try:
-        state, config, extra = (json.loads(metadata[k]) for k in ("cache", "config", "extra"))
-        saved_config = ModelConfig.from_dict(config)
-    except (KeyError, ValueError, TypeError, H2QError) as e:
+        info = {k: metadata[k] for k in ("tokenizer", "base_fingerprint", "weights", "adapter")}
+        info.update({k: json.loads(metadata[k]) for k in ("cache", "config", "extra")})
+        info["config"] = ModelConfig.from_dict(info["config"])
+    except (KeyError, ValueError, TypeError, AttributeError, H2QError) as e:
         raise FileFormatError(f"KV cache file {path} has unreadable metadata ({e}); save it again") from None
-    if not isinstance(state, dict) or not isinstance(extra, dict):
+    if not isinstance(info["cache"], (dict, type(None))) or not isinstance(info["extra"], dict):
         raise FileFormatError(f"KV cache file {path} has malformed metadata; save it again")
-    if saved_config != model.config or metadata.get("tokenizer") != tokenizer.NAME:
-        raise FileFormatError(f"KV cache file {path} was made for another base shape ({saved_config}); "
-                              f"load it with its own base")
-    if metadata.get("base_fingerprint") != model.base_fingerprint():
-        raise FileFormatError(f"KV cache file {path} was made on base {metadata.get('base_fingerprint')}, not this "
-                              f"base {model.base_fingerprint()}; load it with its own base")
-    if metadata.get("weights") != _weights_identity(model):
-        raise FileFormatError(f"KV cache file {path} was made with other weights ({metadata.get('weights')}) than "
-                              f"the model in use ({_weights_identity(model)}); use the same quantization")
-    if metadata.get("adapter") != adapter_fingerprint(adapters):
-        raise FileFormatError(f"KV cache file {path} was made with adapter {metadata.get('adapter')}, the model "
-                              f"in use has {adapter_fingerprint(adapters)}; load the same adapter first")
-    state["tensors"] = {k.removeprefix("cache."): v for k, v in tensors.items() if k.startswith("cache.")}
-    extra.update({k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")})
     ids = tensors.get("text_ids", torch.zeros(0, dtype=torch.int32))
     unknown = [k for k in tensors if not k.startswith(("cache.", "extra.")) and k != "text_ids"]
-    if unknown or ids.dim() != 1 or ids.dtype != torch.int32 or (ids.numel() and not 0 <= int(ids.min())
-                                                                 and int(ids.max()) <= tokenizer.PAD):
+    in_range = ids.numel() == 0 or (0 <= int(ids.min()) and int(ids.max()) <= tokenizer.PAD)
+    if unknown or ids.dim() != 1 or ids.dtype != torch.int32 or not in_range:
         raise FileFormatError(f"KV cache file {path} holds unexpected tensors or text ids; save it again")
-    device = device if device is not None else model.embed.weight.device
-    try:
-        cache = cache_from_state(state, model.config, device)
-    except H2QError as e:
-        raise FileFormatError(f"KV cache file {path}: {e}") from None
-    meta = {k: v for k, v in state.items() if k != "tensors"}
-    return cache, ids.tolist(), {**meta, "adapter": metadata["adapter"], "extra": extra}
+    if info["cache"] is None and any(k.startswith("cache.") for k in tensors):
+        raise FileFormatError(f"KV cache file {path} holds cache tensors but no cache state; save it again")
+    info["extra"].update({k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")})
+    info["text_ids"] = ids.tolist()
+    return tensors, info
+
+
+def load_cache(path: str | Path, model: Transformer, adapters=None, device=None) -> tuple[object, list[int], dict]:
+    """Read a file of `save_cache` for `model` (with `adapters`, as when it was saved) -> (the cache on
+    `device`, default the model's, or None if only the text was saved; the text ids; meta: policy,
+    options, batch_size, max_len, dtype, counters (empty without a cache), adapter, extra). A file that
+    is not such a cache, is corrupt, or was made on another base, other weights or another adapter
+    raises FileFormatError naming it."""
+    path = Path(path)
+    tensors, info = read_cache_file(path)
+    if info["config"] != model.config or info["tokenizer"] != tokenizer.NAME:
+        raise FileFormatError(f"KV cache file {path} was made for another base shape ({info['config']}); "
+                              f"load it with its own base")
+    if info["base_fingerprint"] != model.base_fingerprint():
+        raise FileFormatError(f"KV cache file {path} was made on base {info['base_fingerprint']}, not this "
+                              f"base {model.base_fingerprint()}; load it with its own base")
+    if info["weights"] != _weights_identity(model):
+        raise FileFormatError(f"KV cache file {path} was made with other weights ({info['weights']}) than "
+                              f"the model in use ({_weights_identity(model)}); use the same quantization")
+    if info["adapter"] != adapter_fingerprint(adapters):
+        raise FileFormatError(f"KV cache file {path} was made with adapter {info['adapter']}, the model "
+                              f"in use has {adapter_fingerprint(adapters)}; load the same adapter first")
+    state, cache = info["cache"], None
+    if state is not None:
+        state["tensors"] = {k.removeprefix("cache."): v for k, v in tensors.items() if k.startswith("cache.")}
+        try:
+            device = device if device is not None else model.embed.weight.device
+            cache = cache_from_state(state, model.config, device)
+        except H2QError as e:
+            raise FileFormatError(f"KV cache file {path}: {e}") from None
+    meta = {k: v for k, v in (state or {}).items() if k != "tensors"}
+    return cache, info["text_ids"], {**meta, "adapter": info["adapter"], "extra": info["extra"]}

@@ -132,8 +132,8 @@ class PersistReport:
 def persist_costs(model, policy: str, ids: list[int], folder: Path, repeats: int = 5, max_len: int | None = None,
                   **opts) -> PersistReport:
     """Recompute (prefill `ids` into a fresh cache of `policy`, `max_len` default room for them and
-    one more), save and restore (h2q.checkpoint) it, `repeats` times interleaved; medians, and whether the restored cache
-    gives the original's next logits exactly."""
+    one more), save and restore (h2q.checkpoint) it, `repeats` times interleaved; medians, and
+    whether the restored cache gives the original's next logits exactly."""
     weight = model.embed.weight
     path = Path(folder) / f"{policy}.safetensors"
     times = {"prefill": [], "save": [], "restore": []}
@@ -151,5 +151,5 @@ def persist_costs(model, policy: str, ids: list[int], folder: Path, repeats: int
     probe = torch.tensor([[ids[-1]]], device=weight.device)
     exact = torch.equal(model(probe, cache=restored), model(probe, cache=cache))
     median = {k: statistics.median(v) for k, v in times.items()}
-    return PersistReport(len(ids), min(len(ids), cache.max_len), cache.nbytes, path.stat().st_size, median["prefill"], median["save"],
-                         median["restore"], exact)
+    return PersistReport(len(ids), min(len(ids), cache.max_len), cache.nbytes, path.stat().st_size,
+                         median["prefill"], median["save"], median["restore"], exact)

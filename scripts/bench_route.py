@@ -136,7 +136,8 @@ def write_slice(folder: Path, docs: dict[str, bytes]) -> None:
 
 def held_out_windows(docs: dict[str, bytes], n: int, length: int) -> list[list[int]]:
     """n windows of `length` bytes, evenly spaced over the held-out documents long enough to hold one."""
-    places = [(name, start) for name, data in sorted(docs.items()) for start in range(0, len(data) - length + 1, length)]
+    places = [(name, start) for name, data in sorted(docs.items())
+              for start in range(0, len(data) - length + 1, length)]
     if len(places) < n:
         raise H2QError(f"the held-out documents hold {len(places)} windows of {length} bytes, fewer than --prompts {n}")
     chosen = [places[round(i * (len(places) - 1) / max(n - 1, 1))] for i in range(n)]
@@ -157,7 +158,8 @@ def fine_tune(args, kind: str, slice_dir: Path, out: Path) -> float:
     result = train(cfg)
     seconds = time.perf_counter() - start
     final = result.get("final") or {}
-    print(f"  {kind}: {args.steps} steps in {seconds:.0f} s, slice val {final.get('val_bpb', float('nan')):.3f} bits/byte")
+    val = final.get("val_bpb", float("nan"))
+    print(f"  {kind}: {args.steps} steps in {seconds:.0f} s, slice val {val:.3f} bits/byte")
     return seconds
 
 

@@ -116,6 +116,24 @@ def test_restored_conversation_continues_as_the_uninterrupted_one(policy, tmp_pa
     assert torch.equal(continue_greedy(model, restored, prefill(model, restored, [turn])), uninterrupted)
 
 
+def test_text_alone_and_the_file_info(tmp_path):
+    """A conversation whose cache is to be rebuilt saves its text alone; the info is readable before
+    a model is chosen (to pick the adapter or quantization the cache was made with)."""
+    model = tiny_model()
+    path = checkpoint.save_cache(tmp_path / "t.safetensors", None, model, text_ids=[256, 104, 105],
+                                 extra={"adapter_label": "none"})
+    cache, ids, meta = checkpoint.load_cache(path, model)
+    assert cache is None and ids == [256, 104, 105] and meta["extra"] == {"adapter_label": "none"}
+    _, info = checkpoint.read_cache_file(path)
+    assert info["adapter"] == "none" and info["weights"] == "float" and info["config"] == CFG
+    assert info["base_fingerprint"] == model.base_fingerprint() and info["cache"] is None
+    with pytest.raises(H2QError, match="text ids"):
+        checkpoint.save_cache(tmp_path / "bad.safetensors", None, model, text_ids=[300])
+    with pytest.raises(H2QError, match="JSON or tensors"):
+        checkpoint.save_cache(tmp_path / "bad.safetensors", None, model, extra={"x": object()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]  # nothing half-written
+
+
 @torch.inference_mode()
 def test_shared_prefix_state_restores_over_the_same_prefix():
     model = tiny_model()
