@@ -10,6 +10,18 @@ old one with `os.replace`, so a kill at any moment leaves the previous file whol
 * `train_state.safetensors` (training runs only): model weights *and* optimizer state and RNG states
   in one file, with the step and data position in its metadata, so resume reads one consistent state.
 
+Every safetensors file records `content_sha256` in its metadata: sha256 over its metadata, tensor
+names, dtypes, shapes and bytes. `read_tensors` recomputes it, so flipped bits, a header edited to
+another dtype or shape, or a half-copied file are caught on load (files written before the hash
+existed load without the check). Loaded weights are also checked against what their config needs:
+the same keys, shapes and dtypes, and finite values.
+
+An output folder is locked while a run writes it (`FolderLock`: OUT/.lock, an flock, so a killed
+holder frees it), and our own temporary files left there by a kill are removed under that lock
+(`remove_stale_temps`): `.NAME.<12 hex>.tmp` from `atomic_write`, `.tmpXXXXXX` from safetensors'
+writer. JSON-lines logs (`metrics.jsonl`) are appended one whole line at a time and read back with
+a torn last line left out (`read_jsonl_lines`).
+
 A LoRA adapter folder (h2q/lora.py), in PEFT's layout: `adapter_model.safetensors` (keys
 `layers.0.attn.q_proj.lora_A` / `.lora_B`) and `adapter_config.json` (r, lora_alpha, target_modules,
 lora_dropout, use_rslora, plus base_fingerprint and base_model_config, checked by `load_adapter`).
@@ -20,8 +32,12 @@ what to do.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
+import stat
 from pathlib import Path
 
 import torch
@@ -34,12 +50,21 @@ from h2q.errors import FileFormatError, H2QError
 from h2q.lora import LoraAdapter, LoraConfig
 from h2q.model import Transformer
 
+try:
+    import fcntl
+except ImportError:  # Windows: FolderLock locks nothing
+    fcntl = None
+
 FORMAT = "h2q-model-v1"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 ADAPTER_FORMAT = "h2q-lora-v1"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+CONTENT_HASH = "content_sha256"  # metadata key of the content hash every save_tensors file carries
+LOCK_FILE = ".lock"
+# what atomic_write (".NAME.<12 hex>.tmp") and safetensors' own writer (".tmpXXXXXX") leave after a kill
+STALE_TEMP = re.compile(r"\..+\.[0-9a-f]{12}\.tmp|\.tmp[A-Za-z0-9]{6}")
 
 
 def _new_temp_file(path: Path) -> tuple[Path, int]:
@@ -55,19 +80,40 @@ def _new_temp_file(path: Path) -> tuple[Path, int]:
 
 
 def atomic_write(path: str | Path, write) -> None:
-    """Call `write(tmp_path)` and move the result to `path` atomically."""
+    """Call `write(tmp_path)` and move the result to `path` atomically. A write that fails (disk
+    full, no permission) is a H2QError naming `path`; the previous file stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, mode = _new_temp_file(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp, mode = _new_temp_file(path)
         write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)  # writers may replace the file (safetensors makes it 0600)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        raise H2QError(f"cannot write {path} ({_reason(e)}); {_write_fix(e)} (the previous file, if any, is "
+                       f"unchanged)") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _reason(e: Exception) -> str:
+    """An OSError's own words ('No space left on device'), or safetensors' message."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    return "No space left on device" if "StorageFull" in text or "os error 28" in text else text
+
+
+def _write_fix(e: Exception) -> str:
+    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space" in _reason(e):
+        return "free some disk space and run again"
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "fix the folder's permissions or choose another one"
+    return "check the path"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -79,22 +125,193 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Atomic `safetensors.save_file`; tensors are made contiguous CPU copies, ties are untied."""
+    """Atomic `safetensors.save_file` with the content hash in the metadata; tensors are made
+    contiguous CPU copies, ties are untied."""
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    metadata = {k: v for k, v in metadata.items() if k != CONTENT_HASH}
+    metadata[CONTENT_HASH] = content_hash(flat, metadata)
     atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
 
 
-def read_tensors(path: str | Path, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict]:
-    """Load a safetensors file; a missing, truncated or corrupt file is a FileFormatError."""
+def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 over the metadata (less the hash itself), then every tensor's name, dtype, shape and
+    bytes, in name order."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != CONTENT_HASH}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"\n{name} {str(t.dtype).removeprefix('torch.')} {list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype
+    return h.hexdigest()
+
+
+def _check_readable(path: Path, what: str, missing: str | None = None) -> None:
+    """A missing (message `missing`), unreadable or non-regular file is a FileFormatError that says
+    which."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            with open(path, "rb"):
+                return
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileFormatError(missing or f"{what} not found: {path}") from None
+    except PermissionError:
+        raise FileFormatError(f"{what} {path} is not readable (permission denied); fix its permissions "
+                              f"(chmod u+r)") from None
+    except OSError as e:
+        raise FileFormatError(f"{what} {path} is unreadable ({e.strerror}); restore it") from None
+    raise FileFormatError(f"{what} {path} is not a file; give the file itself")
+
+
+def read_metadata(path: str | Path, what: str = "checkpoint") -> dict:
+    """A safetensors file's metadata alone (its tensors are neither read nor verified)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileFormatError(f"{what} not found: {path}")
+    _check_readable(path, what)
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
+            return f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FileFormatError(f"{what} {path} is unreadable or corrupt ({e}); restore it or retrain") from None
+
+
+def read_tensors(path: str | Path, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a safetensors file and verify its content hash (when it has one); a missing, truncated,
+    corrupt or altered file is a FileFormatError."""
+    path = Path(path)
+    metadata = read_metadata(path, what)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FileFormatError(f"{what} {path} is unreadable or corrupt ({e}); restore it or retrain") from None
+    if CONTENT_HASH in metadata and content_hash(tensors, metadata) != metadata[CONTENT_HASH]:
+        raise FileFormatError(f"{what} {path} is corrupt: its content does not match the hash it was saved "
+                              f"with; restore it from a copy or retrain")
+    return tensors, metadata
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path, fix: str,
+                  finite: bool = True) -> None:
+    """`tensors` must have exactly `expected`'s keys, shapes and dtypes (and, with `finite`, finite
+    float values), else a FileFormatError naming `path` and ending in `fix` (what to do)."""
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        raise FileFormatError(f"{path} does not match what it should hold (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}); {fix}")
+    for k, want in expected.items():
+        got = tensors[k]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise FileFormatError(f"{path}: {k} is {str(got.dtype).removeprefix('torch.')} {tuple(got.shape)}, "
+                                  f"it should be {str(want.dtype).removeprefix('torch.')} {tuple(want.shape)}; {fix}")
+        # a float64 sum of float32/bf16 values cannot overflow: it is finite iff every value is
+        if finite and got.is_floating_point() and not bool(torch.isfinite(got.sum(dtype=torch.float64))):
+            raise FileFormatError(f"{path}: {k} holds nan or inf values; {fix}")
+
+
+# -- output folders: one writer at a time, no stale temporary files ------------------------------------
+def ensure_folder(folder: str | Path, flag: str) -> Path:
+    """`folder`, made if missing; a file in its place, or a path that cannot be made, is a H2QError
+    naming `flag` (the option the user gave it with)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise H2QError(f"{flag} {folder} is a file, not a folder; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise H2QError(f"{flag} {folder} cannot be made ({e.strerror}); choose a folder you can write") from None
+    return folder
+
+
+class FolderLock:
+    """An exclusive lock on an output folder while one run writes it: OUT/.lock, locked with flock
+    and holding the holder's pid. A second run gets a H2QError naming that pid (or, with wait=True,
+    waits its turn). The OS frees the lock of a killed holder, so a stale lock file is simply taken
+    over. Released (and the file removed) by `release()` or at the end of a `with` block. On a
+    system without fcntl (Windows) nothing is locked."""
+
+    def __init__(self, folder: str | Path, flag: str, wait: bool = False):
+        self.folder = ensure_folder(folder, flag)
+        self.path, self.fd = self.folder / LOCK_FILE, None
+        if fcntl is None:
+            return
+        while self.fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise H2QError(f"{flag} {self.folder} is not writable ({e.strerror}); choose a folder you can "
+                               f"write") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise H2QError(f"{flag} {self.folder} is in use by another run (pid {holder}); wait for it to "
+                               f"finish or choose another {flag}") from None
+            try:  # the last holder may have removed the file after we opened it: lock the one in place
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+            else:
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: a waiter then sees another file
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def remove_stale_temps(folder: str | Path) -> list[str]:
+    """Remove our temporary files that a killed writer left in `folder` (call it holding the
+    folder's lock, so no live writer owns them); returns their names."""
+    folder = Path(folder)
+    found = [p for p in folder.iterdir() if STALE_TEMP.fullmatch(p.name) and p.is_file()] if folder.is_dir() else []
+    for p in found:
+        p.unlink(missing_ok=True)
+    return [p.name for p in found]
+
+
+# -- JSON-lines logs ------------------------------------------------------------------------------------
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one JSON object as one line, written in one call (a kill or a full disk can tear only
+    the last line, which `read_jsonl_lines` leaves out)."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise H2QError(f"cannot write {path} ({_reason(e)}); {_write_fix(e)}") from None
+
+
+def read_jsonl_lines(path: str | Path) -> list[tuple[str, dict]]:
+    """(line, record) of a JSON-lines log. A last line without its newline is a record still being
+    appended (by a live or killed run) and is left out; any other broken line is a H2QError."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise H2QError(f"{path} is unreadable ({e}); restore it or delete it") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue
+            raise H2QError(f"{path} line {number} is not JSON; repair or delete that line") from None
+        if not isinstance(record, dict):
+            raise H2QError(f"{path} line {number} is not a JSON object; repair or delete that line")
+        records.append((line, record))
+    return records
 
 
 # -- models ------------------------------------------------------------------------------------------
@@ -159,15 +376,8 @@ def load_model(ckpt: str | Path, device="cpu") -> tuple[Transformer, dict]:
 
 
 def load_weights(model: Transformer, tensors: dict[str, torch.Tensor], path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise FileFormatError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, v in tensors.items():
-        if v.shape != expected[k].shape:
-            raise FileFormatError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config needs "
-                                  f"{tuple(expected[k].shape)}")
+    """Load `tensors` into `model` once they are what its config needs: keys, shapes, dtypes, finite."""
+    check_tensors(tensors, model.state_dict(), path, "restore it from a copy or retrain")
     model.load_state_dict(tensors)
 
 
@@ -196,15 +406,14 @@ def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
     check_fingerprint=False (e.g. fine-tuning on a copy whose weights were changed on purpose)."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / ADAPTER_CONFIG_FILE
-    if not config_path.is_file():
-        raise FileFormatError(f"no LoRA adapter in {adapter_dir} (missing {ADAPTER_CONFIG_FILE}); "
-                              f"train one with --lora-rank")
+    _check_readable(config_path, "adapter config", missing=f"no LoRA adapter in {adapter_dir} (missing "
+                    f"{ADAPTER_CONFIG_FILE}); train one with --lora-rank")
     try:
         meta = json.loads(config_path.read_text(encoding="utf-8"))
         config = LoraConfig(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta["lora_dropout"]),
                             targets=",".join(meta["target_modules"]), rslora=bool(meta["use_rslora"]))
         base_config = ModelConfig.from_dict(meta["base_model_config"])
-    except (ValueError, KeyError, TypeError, H2QError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, H2QError) as e:
         raise FileFormatError(f"{config_path} is not a valid h2q adapter config ({e}); re-save the adapter") from None
     if base_config != base_model.config:
         diff = ", ".join(f"{k} {v} vs {getattr(base_model.config, k)}" for k, v in base_config.to_dict().items()
@@ -218,15 +427,9 @@ def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
     tensors, _ = read_tensors(adapter_dir / ADAPTER_FILE, "adapter weights")
     adapter = LoraAdapter(base_model.config, config, init=False)
     expected = adapter.tensors()
-    if tensors.keys() != expected.keys():
-        raise FileFormatError(f"{adapter_dir / ADAPTER_FILE} does not match its config "
-                              f"(missing {sorted(expected.keys() - tensors.keys())[:3]}, "
-                              f"unexpected {sorted(tensors.keys() - expected.keys())[:3]}); re-save the adapter")
+    check_tensors(tensors, expected, adapter_dir / ADAPTER_FILE, "re-save or retrain the adapter")
     with torch.no_grad():
         for k, t in expected.items():
-            if tensors[k].shape != t.shape:
-                raise FileFormatError(f"{adapter_dir / ADAPTER_FILE}: {k} has shape {tuple(tensors[k].shape)}, "
-                                      f"its config needs {tuple(t.shape)}; re-save the adapter")
             t.copy_(tensors[k])
     return adapter.to(device if device is not None else base_model.embed.weight.device)
 

@@ -33,7 +33,13 @@ def option(default, help: str, *, choices=None, at_least=None, above=None, at_mo
 def range_text(bounds: dict) -> str:
     """'>= 1', '> 0 and <= 1', ... for help texts and messages."""
     signs = {"at_least": ">=", "above": ">", "at_most": "<=", "below": "<"}
-    return " and ".join(f"{signs[k]} {v:g}" if isinstance(v, float) else f"{signs[k]} {v}" for k, v in bounds.items())
+
+    def number(v) -> str:
+        if isinstance(v, int) and v >= 2**32 and (v & (v - 1)) == 0:
+            return f"2^{v.bit_length() - 1}"  # seeds: < 2^63, not a 19-digit number
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    return " and ".join(f"{signs[k]} {number(v)}" for k, v in bounds.items())
 
 
 def check_options(config) -> None:

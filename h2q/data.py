@@ -21,7 +21,10 @@ byte-level, preparing is just selecting and joining bytes:
 A prepared folder holds `train.bin`, `val.bin` and `manifest.json` (documents with sizes, sha256 and
 split; sha256 and size of both .bin files; totals). It is reused while it verifies and, for a data
 folder, while the source files' paths, sizes and mtimes are unchanged; otherwise it is rebuilt. Every
-file is written atomically and the manifest last, so an interrupted build is simply redone.
+file is written atomically and the manifest last, so an interrupted build is simply redone. The
+prepared folder is locked while it is checked or built (h2q.checkpoint.FolderLock: a second run
+waits for the first to finish the build, then reuses it), and the temporary files of a build that was
+killed are removed first.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 
 from h2q import tokenizer
-from h2q.checkpoint import atomic_write, atomic_write_json
+from h2q.checkpoint import FolderLock, atomic_write, atomic_write_json, ensure_folder, remove_stale_temps
 from h2q.errors import H2QError
 
 FORMAT = "h2q-corpus-v1"
@@ -212,14 +215,18 @@ def read_manifest(folder: Path) -> tuple[dict | None, str]:
 
 def reuse_or_build(folder: Path, source: dict, documents: Callable[[], list[Document]], log=print,
                    unreadable: list[str] = ()) -> dict:
-    """The manifest of folder when it verifies and has the same source signature, else a rebuild's."""
-    manifest, why = read_manifest(folder)
-    if manifest is not None and manifest.get("signature") == source.get("signature"):
-        log(f"using corpus {folder}: {summary(manifest)}")
-        return manifest
-    if (folder / MANIFEST).exists():
-        log(f"rebuilding {folder}: {why or 'source files changed'}")
-    return write_corpus(folder, documents(), source, log, unreadable)
+    """The manifest of folder when it verifies and has the same source signature, else a rebuild's
+    (under the folder's lock, stale temporary files removed first)."""
+    ensure_folder(folder.parent, "--data-root")
+    with FolderLock(folder, "--data-root", wait=True):
+        remove_stale_temps(folder)
+        manifest, why = read_manifest(folder)
+        if manifest is not None and manifest.get("signature") == source.get("signature"):
+            log(f"using corpus {folder}: {summary(manifest)}")
+            return manifest
+        if (folder / MANIFEST).exists():
+            log(f"rebuilding {folder}: {why or 'source files changed'}")
+        return write_corpus(folder, documents(), source, log, unreadable)
 
 
 def prepare_default_corpus(root: str | Path = "data", log=print) -> tuple[Path, dict]:

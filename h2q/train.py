@@ -11,6 +11,16 @@ resume) stays deterministic. Checkpoints (h2q/checkpoint.py) every `--save-every
 and on Ctrl-C; `--resume` restores weights, optimizer, RNG and data-sampler states and continues
 exactly where the saved run was. Under `torchrun` it runs data-parallel (DDP): every rank samples its
 own batches, rank 0 alone writes.
+
+Guards (the "output folder and resume" section): rank 0 holds OUT's lock for the run and removes the
+temporary files a killed writer left; OUT never holds files of another kind (a LoRA run does not
+write into a model folder, nor a base run into an adapter folder or an evolve run). `--resume` checks
+the saved state before it loads it: a training state (not another file), the same model shape, the
+same base (its fingerprint) for an adapter, and the same run-shaping flags (`RESUME_MAY_CHANGE` lists
+the ones that may differ); it drops metrics records a kill left past the saved step, and a finished
+run resumes to nothing, its files untouched. A loss that goes non-finite stops the run with one line,
+and no weights that are not finite are ever saved, so OUT keeps the last finite checkpoint. A batch
+whose logits alone would not fit in memory is refused before anything is allocated.
 """
 from __future__ import annotations
 
@@ -29,9 +39,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from h2q import checkpoint, data
-from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, resolve_device, run_main
+from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, flag_name, resolve_device, run_main
 from h2q.config import PRESETS, check_options, option
-from h2q.errors import H2QError
+from h2q.errors import ConfigError, FileFormatError, H2QError
 from h2q.model import Transformer
 from h2q.optim import torch_state_from_tensors, torch_state_to_tensors
 
@@ -72,6 +82,11 @@ class TrainConfig:
 
     def __post_init__(self):
         check_options(self)
+        for name, value in asdict(self).items():
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 2**63:
+                raise ConfigError(name, f"must be < 2**63, got {value}")  # past what a tensor or a C int holds
+        if self.steps and self.epochs:
+            raise ConfigError("epochs", f"{self.epochs:g} and --steps {self.steps} both set the run's length; give one")
 
 
 def pick_preset(device: torch.device) -> str:
@@ -122,7 +137,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.out = Path(cfg.out or ("checkpoints/adapters/lora" if cfg.lora_rank else "checkpoints/base"))
+        self.out = output_folder(cfg)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and world_size > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -142,11 +157,13 @@ class Run:
         self.block_size = cfg.block_size or self.model.config.context_len
         if self.block_size > self.model.config.context_len:
             raise H2QError(f"--block-size {self.block_size} exceeds the model's context {self.model.config.context_len}")
+        check_memory(cfg, self.block_size, self.model.config.vocab_size, self.device)
         self.corpus = data.load_corpus(cfg.data_dir, self.block_size, root=cfg.data_root,
                                        log=print if rank == 0 else (lambda *a, **k: None))
         self.optimizer = make_optimizer(list(self.trainable.named_parameters()), cfg, self.device)
         self.sampler = torch.Generator().manual_seed(cfg.seed + rank)
         self.step, self.max_steps, self.tokens_seen, self.elapsed = 0, 0, 0, 0.0
+        self.saved_step = 0  # the step of the checkpoint in OUT (0: none yet)
 
     def _init_adapter(self):
         from h2q import lora
@@ -186,39 +203,57 @@ class Run:
             dist.all_gather_object(states, self.sampler.get_state())
         if self.rank != 0:
             return
+        if not all(bool(torch.isfinite(p.sum(dtype=torch.float64))) for p in self.trainable.parameters()):
+            raise self.diverged("the weights are no longer finite")
         tensors, param_groups = self.state_tensors(states)
         meta = {"step": str(self.step), "max_steps": str(self.max_steps), "tokens_seen": str(self.tokens_seen),
                 "elapsed": repr(self.elapsed), "world_size": str(self.world_size),
                 "param_groups": param_groups, "train_config": json.dumps(asdict(self.cfg)),
                 "model_config": json.dumps(self.model.config.to_dict())}
+        if self.adapter is not None:
+            meta["base_fingerprint"] = self.model.base_fingerprint()
         checkpoint.save_tensors(self.out / checkpoint.STATE_FILE, tensors, meta)
         if self.adapter is not None:
             checkpoint.save_adapter(self.out, self.adapter, self.model)
         else:
             checkpoint.save_model(self.out, self.model, step=str(self.step))
+        self.saved_step = self.step
+
+    def diverged(self, what: str) -> H2QError:
+        kept = f"{self.out} keeps the checkpoint of step {self.saved_step}" if self.saved_step else "nothing was saved"
+        return H2QError(f"training diverged at step {self.step}: {what} (try a lower --lr than {self.cfg.lr:g}); "
+                        f"{kept}")
 
     def load(self):
         path = self.out / checkpoint.STATE_FILE
-        if not path.exists():
-            raise H2QError(f"--resume: no training state in {self.out}; start without --resume")
         tensors, meta = checkpoint.read_tensors(path, "training state")
-        if json.loads(meta["model_config"]) != self.model.config.to_dict():
-            raise H2QError(f"--resume: {path} holds a {meta['model_config']} model; pass the same --preset")
-        if int(meta["world_size"]) != self.world_size:
-            raise H2QError(f"--resume: the run used {meta['world_size']} processes; resume with as many")
+        check_resumable(self, path, meta)
         own = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        fix = "restore it, or start without --resume in another --out"
+        checkpoint.check_tensors(own, self.trainable.state_dict(), path, fix)
         self.trainable.load_state_dict(own)
         optim = {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")}
-        self.optimizer.load_state_dict(torch_state_from_tensors(optim, meta["param_groups"]))
-        torch.set_rng_state(tensors["rng.torch"])
-        self.sampler.set_state(tensors[f"rng.sampler.{self.rank}"])
-        self.step, self.max_steps = int(meta["step"]), int(meta["max_steps"])
-        self.tokens_seen, self.elapsed = int(meta["tokens_seen"]), float(meta["elapsed"])
+        try:
+            self.optimizer.load_state_dict(torch_state_from_tensors(optim, meta["param_groups"]))
+            torch.set_rng_state(tensors["rng.torch"])
+            self.sampler.set_state(tensors[f"rng.sampler.{self.rank}"])
+            self.step, self.max_steps = int(meta["step"]), int(meta["max_steps"])
+            self.tokens_seen, self.elapsed = int(meta["tokens_seen"]), float(meta["elapsed"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise FileFormatError(f"{path}: its optimizer, random or step state is unusable ({e}); {fix}") from None
+        self.saved_step = self.step
 
     def log_metrics(self, record: dict):
         if self.rank == 0:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            checkpoint.append_jsonl(self.out / "metrics.jsonl", record)
+
+    def drop_metrics_after_step(self):
+        """Forget the metrics records (and a torn last line) that a kill left past the saved step."""
+        path = self.out / "metrics.jsonl"
+        if self.rank == 0 and path.exists():
+            kept = [line for line, record in checkpoint.read_jsonl_lines(path)
+                    if not isinstance(record.get("step"), (int, float)) or record["step"] <= self.step]
+            checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def fixed_max_steps(cfg: TrainConfig, train_bytes: int, tokens_per_step: int) -> int:
@@ -232,7 +267,21 @@ def fixed_max_steps(cfg: TrainConfig, train_bytes: int, tokens_per_step: int) ->
 
 def train(cfg: TrainConfig, on_step=None) -> dict:
     """Run training as configured; returns the run summary (also written to OUT/training_log.json).
-    `on_step(step, loss)` is called after every optimizer step (tests use it to interrupt)."""
+    `on_step(step, loss)` is called after every optimizer step (tests use it to interrupt). Rank 0
+    holds OUT's lock throughout."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return run_training(cfg, on_step)
+    with open_output(cfg):
+        try:
+            return run_training(cfg, on_step)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
+                raise H2QError(f"out of memory at --batch-size {cfg.batch_size}: lower --batch-size or --block-size "
+                               f"(--grad-accum N keeps the tokens per step)") from None
+            raise
+
+
+def run_training(cfg: TrainConfig, on_step=None) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if world_size > 1 and not dist.is_initialized():
@@ -240,6 +289,9 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     run = Run(cfg, rank, world_size)
     if cfg.resume:
         run.load()
+        if run.max_steps and run.step >= run.max_steps:
+            return finished_run(run)
+        run.drop_metrics_after_step()
     elif rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "metrics.jsonl").unlink(missing_ok=True)
@@ -287,6 +339,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             run.step += 1
             run.tokens_seen += tokens_per_step
             loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise run.diverged(f"the training loss is {loss_value}")
             loss_sum, loss_n = loss_sum + loss_value, loss_n + 1
             now = time.time()
             run.elapsed = elapsed_at_start + now - t_start
@@ -297,6 +351,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             done = run.max_steps and run.step >= run.max_steps
             if run.step % cfg.eval_every == 0 or done:
                 val_loss = evaluate(run.model, run.corpus.val, cfg, run.block_size, run.device, run.autocast, adapters)
+                if not val_loss < MAX_LOSS:  # nan included
+                    raise run.diverged(f"the validation loss is {val_loss:g}")
                 last_eval = {"step": run.step, "tokens": run.tokens_seen, "elapsed_s": round(run.elapsed, 2),
                              "lr": lr, "train_loss": loss_sum / loss_n, "val_loss": val_loss,
                              "val_bpb": val_loss / math.log(2), "val_ppl": math.exp(val_loss),
@@ -316,13 +372,162 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             bar.write(f"interrupted at step {run.step}: saving a checkpoint; continue with --resume")
     bar.close()
     run.save()
-    summary = {"out": str(run.out), "interrupted": interrupted, "steps": run.step, "max_steps": run.max_steps,
-               "tokens_seen": run.tokens_seen, "elapsed_s": round(run.elapsed, 2), "world_size": world_size,
-               "params": run.model.num_params(), "model_config": run.model.config.to_dict(),
-               "train_config": asdict(cfg), "device": str(run.device), "final": last_eval}
+    summary = run_summary(run, interrupted, last_eval)
     if rank == 0:
         checkpoint.atomic_write_json(run.out / "training_log.json", summary)
     return summary
+
+
+def run_summary(run: Run, interrupted: bool, final: dict | None) -> dict:
+    """What OUT/training_log.json holds."""
+    return {"out": str(run.out), "interrupted": interrupted, "steps": run.step, "max_steps": run.max_steps,
+            "tokens_seen": run.tokens_seen, "elapsed_s": round(run.elapsed, 2), "world_size": run.world_size,
+            "params": run.model.num_params(), "model_config": run.model.config.to_dict(),
+            "train_config": asdict(run.cfg), "device": str(run.device), "final": final}
+
+
+# -- the output folder and resume (see the module docstring) ------------------------------------------
+MAX_LOSS = 700.0  # nats: above it the perplexity exp(loss) overflows a float; the run has diverged
+# flags that may differ on --resume: where things are and how the run is watched, not what it computes
+RESUME_MAY_CHANGE = {"out", "data_root", "preset", "init_from", "device", "dtype", "compile", "resume",
+                     "progress", "eval_every", "eval_batches", "save_every"}
+STATE_KEYS = ("step", "max_steps", "tokens_seen", "elapsed", "world_size", "param_groups", "train_config",
+              "model_config")
+
+
+def output_folder(cfg: TrainConfig) -> Path:
+    return Path(cfg.out or ("checkpoints/adapters/lora" if cfg.lora_rank else "checkpoints/base"))
+
+
+def open_output(cfg: TrainConfig) -> checkpoint.FolderLock:
+    """Lock OUT (made if missing) and remove stale temporary files; a fresh run refuses a folder that
+    holds files of another kind, a resume one without a training state."""
+    out = output_folder(cfg)
+    if cfg.resume and not (out / checkpoint.STATE_FILE).is_file():
+        raise H2QError(f"--resume: no training state in {out}; start without --resume")
+    lock = checkpoint.FolderLock(out, "--out")
+    try:
+        checkpoint.remove_stale_temps(out)
+        if not cfg.resume:
+            refuse_other_kinds(out, cfg)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def refuse_other_kinds(out: Path, cfg: TrainConfig) -> None:
+    """A fresh run writes a model (base) or an adapter (LoRA) and a training state into OUT: refuse a
+    folder holding the other one, a quantized model or an evolve run, which it would leave mixed."""
+    kinds = {checkpoint.MODEL_FILE: "a model checkpoint", checkpoint.ADAPTER_FILE: "a LoRA adapter",
+             "state/evolve_state.safetensors": "an evolve run"}
+    del kinds[checkpoint.ADAPTER_FILE if cfg.lora_rank else checkpoint.MODEL_FILE]  # what this run writes
+    other = [what for name, what in kinds.items() if (out / name).exists()]
+    if not cfg.lora_rank and "quant" in existing_metadata(out / checkpoint.MODEL_FILE):
+        other.append("a quantized model")
+    if other:
+        raise H2QError(f"--out {out} holds {other[0]}, which this run would mix with files of another kind; "
+                       f"choose another --out")
+
+
+def existing_metadata(path: Path) -> dict:
+    """The metadata of a safetensors file about to be replaced; {} when it is missing or unreadable."""
+    try:
+        return checkpoint.read_metadata(path) if path.is_file() else {}
+    except FileFormatError:
+        return {}
+
+
+def check_resumable(run: Run, path: Path, meta: dict) -> None:
+    """The saved state in `path` is a training state of this very run: kind, model shape, base, flags."""
+    fix = "resume with the run's settings, or start a new run in another --out"
+    missing = [k for k in STATE_KEYS if k not in meta]
+    if missing:
+        kind = " (it is a model checkpoint)" if meta.get("format") == checkpoint.FORMAT else ""
+        raise FileFormatError(f"{path} is not a training state{kind}: no {', '.join(missing)} in its metadata; "
+                              f"restore it, or start without --resume")
+    try:
+        saved, model_config = json.loads(meta["train_config"]), json.loads(meta["model_config"])
+        saved_rank = int(saved.get("lora_rank", 0)) if isinstance(saved, dict) else None
+    except (ValueError, TypeError) as e:
+        raise FileFormatError(f"{path} has unreadable metadata ({e}); restore it, or start without --resume") from None
+    if saved_rank is None or not isinstance(model_config, dict):
+        raise FileFormatError(f"{path} has metadata of the wrong shape; restore it, or start without --resume")
+    lora = run.adapter is not None
+    if bool(saved_rank) != lora:
+        raise H2QError(f"--resume: {run.out} holds a LoRA adapter run; pass its --init-from and --lora-rank"
+                       if saved_rank else f"--resume: {run.out} holds a base-model run, not a LoRA run; drop "
+                       f"--init-from and --lora-rank, or choose another --out")
+    if model_config != run.model.config.to_dict():
+        if lora:
+            raise H2QError(f"--resume: the adapter in {run.out} was trained on a base of another shape "
+                           f"({preset_name(model_config)}); pass the --init-from it was trained on")
+        raise H2QError(f"--resume: {run.out} holds a {preset_name(model_config)} model; pass --preset "
+                       f"{preset_name(model_config)}")
+    if lora:
+        trained_on = meta.get("base_fingerprint") or adapter_base_fingerprint(run.out)
+        if trained_on != run.model.base_fingerprint():
+            raise H2QError(f"--resume: the adapter in {run.out} was trained on base {trained_on}, --init-from "
+                           f"{run.cfg.init_from} is base {run.model.base_fingerprint()}; pass the --init-from it "
+                           f"was trained on")
+    if int(meta["world_size"]) != run.world_size:
+        raise H2QError(f"--resume: the run used {meta['world_size']} processes; resume with as many")
+    now = asdict(run.cfg)
+    changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if changed:
+        diffs = ", ".join(f"{flag_name(k)} {now[k]} (the run's: {saved[k]})" for k in changed[:3])
+        raise H2QError(f"--resume: {diffs} would change the run saved in {run.out}; {fix}")
+
+
+def preset_name(model_config: dict) -> str:
+    return next((name for name, c in PRESETS.items() if c.to_dict() == model_config), "custom-shape")
+
+
+def adapter_base_fingerprint(out: Path) -> str | None:
+    """The base fingerprint in OUT's adapter_config.json (states saved before they recorded it)."""
+    try:
+        return json.loads((out / checkpoint.ADAPTER_CONFIG_FILE).read_text(encoding="utf-8")).get("base_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def finished_run(run: Run) -> dict:
+    """--resume of a run that reached its step count: nothing to train and nothing rewritten; the
+    summary in training_log.json (written from metrics.jsonl if a kill came before it was)."""
+    log = run.out / "training_log.json"
+    try:
+        summary = json.loads(log.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    if not (isinstance(summary, dict) and summary.get("steps") == run.step):
+        metrics = run.out / "metrics.jsonl"
+        evals = [r for _, r in checkpoint.read_jsonl_lines(metrics) if r.get("step") == run.step] \
+            if metrics.exists() else []
+        summary = run_summary(run, False, evals[-1] if evals else None)
+        if run.rank == 0:
+            checkpoint.atomic_write_json(log, summary)
+    if run.rank == 0:
+        print(f"{run.out} holds a finished run of {run.step} steps: nothing to train (start a new run to train "
+              f"longer)")
+    return summary
+
+
+def check_memory(cfg: TrainConfig, block_size: int, vocab_size: int, device: torch.device) -> None:
+    """Refuse a micro-step whose logits and their gradient (float32) and int64 windows alone exceed
+    the device's memory: a floor under its real use, so nothing that could fit is refused."""
+    tokens = cfg.batch_size * block_size
+    floor = tokens * (2 * 4 * vocab_size + 4 * 8)
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # no sysconf figure: nothing to compare with
+            return
+    if floor > have:
+        raise ConfigError("batch_size", f"{cfg.batch_size} x block {block_size} needs over {floor / 2**30:,.1f} GiB "
+                                        f"per micro-step, this {device.type} has {have / 2**30:,.1f} GiB; lower it "
+                                        f"(--grad-accum N keeps the tokens per step)")
 
 
 def main(argv=None) -> int:

@@ -27,17 +27,10 @@ from h2q.checkpoint import atomic_write_json, load_model  # noqa: E402
 from h2q.cli import resolve_device, run_main  # noqa: E402
 from h2q.config import PRESETS  # noqa: E402
 from h2q.errors import H2QError  # noqa: E402
-from h2q.evolve import (  # noqa: E402
-    OraclePolicy,
-    RandomPolicy,
-    Renderer,
-    World,
-    WorldConfig,
-    evaluate_policy,
-    run_episode,
-)
+from h2q.evolve import OraclePolicy, RandomPolicy, World, WorldConfig, evaluate_policy, run_episode  # noqa: E402
 from h2q.evolve.agent import KV_POLICIES, AgentConfig, AgentPolicy, make_bank  # noqa: E402
 from h2q.evolve.learner import Learner, LearnerConfig  # noqa: E402
+from h2q.evolve.render import Renderer  # noqa: E402
 from h2q.lora import freeze_base  # noqa: E402
 from h2q.model import Transformer  # noqa: E402
 from h2q.perf import matmul_peak_gflops, weight_matmul_seconds  # noqa: E402
@@ -140,16 +133,19 @@ def main(argv=None):
 
     learner = Learner(policy, learner_cfg)
     render = Renderer() if args.render else None
+    say = render.log if render is not None else print
     ticks, episode, start = 0, 0, time.perf_counter()
     while ticks < args.steps:
         steps = min(world_cfg.steps, args.steps - ticks)
         stats = run_episode(World(world_cfg, n, args.seed * 1_000_000 + episode), policy, steps, learner, render)
         ticks += steps
         episode += 1
-        print(f"  learning: tick {ticks:5d}  episode food/agent/step {stats.food_rate.mean():.4f} "
+        say(f"  learning: tick {ticks:5d}  episode food/agent/step {stats.food_rate.mean():.4f} "
               f"({100 * stats.food_rate.mean() / max(oracle.food_rate.mean(), 1e-12):.0f}% of oracle)  "
               f"updates {learner.updates}  skipped {learner.skipped}  restored {learner.restored}  "
-              f"{ticks / (time.perf_counter() - start):.2f} ticks/s", flush=True)
+              f"{ticks / (time.perf_counter() - start):.2f} ticks/s")
+    if render is not None:
+        render.close()
     loop_tps = ticks / max(time.perf_counter() - start, 1e-9)
     after = evaluate_policy(policy, world_cfg, eval_seeds, n)
 

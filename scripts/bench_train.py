@@ -1,10 +1,16 @@
 """Training benchmark: matmul peak, training tokens/s and MFU per preset, and val bits per byte after a
-fixed wall-clock budget on the default corpus. Prints measured figures only.
+fixed wall-clock budget on the default corpus; or h2q against nanoGPT side by side. Prints measured
+figures only.
 
     python scripts/bench_train.py                      # all of it (~20 min on 2 cores)
     python scripts/bench_train.py --budget-min 0       # throughput only (~2 min)
+    python scripts/bench_train.py --vs-nanogpt PATH    # h2q and a nanoGPT checkout, 5 min each, concurrently
+
+The side-by-side mode (how the text, split, budget and scoring are made equal: scripts/side_by_side.py)
+prints the run table: recipe, wall-clock, bytes seen and val loss on the text's held-out last 10%.
 """
 import argparse
+import shlex
 import statistics
 import sys
 import tempfile
@@ -51,6 +57,54 @@ def train_throughput(preset, batch_size, corpus, device, steps, compile_model) -
     return batch_size * T / statistics.median(times), model.flops_per_token(T)
 
 
+def vs_nanogpt(args) -> int:
+    """h2q's train.py and nanoGPT's train.py concurrently at one budget, scored on one held-out slice."""
+    import side_by_side as sbs
+
+    nanogpt = Path(args.vs_nanogpt).resolve()
+    if not (nanogpt / "train.py").exists() or not (nanogpt / "model.py").exists():
+        print(f"error: {nanogpt} is not a nanoGPT checkout (no train.py and model.py)", file=sys.stderr)
+        return 2
+    h2q_root = Path(args.h2q_root).resolve()
+    h2q_args = shlex.split(args.h2q_args)
+    budget_s = args.budget_min * 60
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_vs_nanogpt_")).resolve()
+    d = sbs.prepare_data(work)
+    print(f"work folder {work}: text {d.text.stat().st_size:,} bytes, held-out last 10% "
+          f"{d.held_out.stat().st_size:,} bytes; both train on the same {d.train_bytes:,} bytes "
+          f"(validation {d.val_bytes:,}) of the first 90%")
+
+    print(f"load average before the probe: {sbs.load_average()}")
+    probe = sbs.nanogpt_job(nanogpt, d, work / "probe_nanogpt", args.probe_iters, args.probe_iters)
+    load = sbs.h2q_job(h2q_root, d, work / "probe_h2q", 1, [*h2q_args, "--steps", "30", "--eval-every", "1000"])
+    sbs.run_concurrently([probe, load])
+    max_iters, interval, timing = sbs.fit_nanogpt_iters(probe, args.probe_iters, budget_s - args.margin_s)
+    print(f"nanoGPT probe ({args.probe_iters} iters, h2q running alongside): {timing['step_s'] * 1000:.1f} ms/iter, "
+          f"{timing['eval_s']:.2f} s per eval+save, {timing['fixed_s']:.1f} s startup -> max_iters {max_iters:,}, "
+          f"eval_interval {interval}")
+
+    print(f"load average before the runs: {sbs.load_average()}", flush=True)
+    runs = [sbs.nanogpt_job(nanogpt, d, work / "nanogpt", max_iters, interval),
+            sbs.h2q_job(h2q_root, d, work / "h2q", args.budget_min, h2q_args)]
+    sbs.run_concurrently(runs, deadline_s=budget_s + args.grace_s)
+    print(f"load average after the runs: {sbs.load_average()}")
+    ng, h2q = sbs.score_nanogpt(nanogpt, work / "nanogpt", d), sbs.score_h2q(h2q_root, work / "h2q", d)
+    assert ng["bytes_scored"] == h2q["bytes_scored"]
+    rows = [("nanoGPT", sbs.nanogpt_recipe(max_iters, ng["steps"]), runs[0], ng),
+            ("h2q", sbs.h2q_recipe(h2q["summary"], h2q_args, args.budget_min), runs[1], h2q)]
+    print(f"\n| run | recipe | wall-clock | bytes seen | val loss on the file's last 10% |")
+    print("|---|---|---|---|---|")
+    for name, recipe, job, result in rows:
+        late = " (stopped by SIGINT)" if job.interrupted else ""
+        print(f"| {name} | {recipe} | {job.wall_s:.0f} s{late} | {result['bytes_seen'] / 1e6:.2f}M "
+              f"| **{result['nats_per_byte']:.3f} nats/byte** |")
+    print("\n" + ", ".join(f"{job.name} got {job.cpu_s / job.wall_s:.0%} of a core ({job.cpu_s:.0f} CPU s)"
+                            for _, _, job, _ in rows))
+    print(f"h2q - nanoGPT: {h2q['nats_per_byte'] - ng['nats_per_byte']:+.3f} nats/byte "
+          f"({ng['bytes_scored']:,} held-out bytes scored, each model at its own context, 1 thread each)")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
@@ -60,7 +114,18 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
     p.add_argument("--budget-min", type=float, default=5.0, help="wall-clock minutes per budget run (0 = skip)")
     p.add_argument("--budget-presets", default="mini,small")
+    side = p.add_argument_group("side by side with nanoGPT")
+    side.add_argument("--vs-nanogpt", metavar="PATH", help="a karpathy/nanoGPT checkout: run it and h2q concurrently")
+    side.add_argument("--h2q-root", default=str(Path(__file__).resolve().parents[1]),
+                      help="the h2q checkout whose train.py runs (default: this one)")
+    side.add_argument("--h2q-args", default="", help="extra train.py flags, one string")
+    side.add_argument("--work", help="folder for the text, logs and checkpoints (default: a new temporary one)")
+    side.add_argument("--probe-iters", type=int, default=60, help="nanoGPT iterations timed to fit max_iters")
+    side.add_argument("--margin-s", type=float, default=3.0, help="seconds of the budget nanoGPT's fit leaves free")
+    side.add_argument("--grace-s", type=float, default=15.0, help="seconds past the budget before SIGINT")
     args = p.parse_args(argv)
+    if args.vs_nanogpt:
+        return vs_nanogpt(args)
     device = resolve_device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     peak = matmul_peak_gflops(device, torch.float32)

@@ -11,6 +11,7 @@ names the next step, and `view`, a window of cells with no path in it. A policy 
 (agent.py) is the 20 LoRA agents on one base, and a learner (learner.py) is fed every transition by
 `run_episode` and updates the adapters as it goes.
 
+    freeze_base(model)                                     # h2q/lora.py: learning needs a frozen base
     bank = make_bank(model, 20, AgentConfig())             # h2q/evolve/agent.py
     policy = AgentPolicy(model, bank, AgentConfig())       # agent i acts with bank slot policy.slots[i]
     learner = Learner(policy, LearnerConfig())             # h2q/evolve/learner.py
@@ -28,17 +29,12 @@ When evolution writes a new adapter into slot i (`bank.set_adapter(i, child)`), 
 """
 from __future__ import annotations
 
-from h2q.evolve.env import ByteEnv, EpisodeStats, EvalResult, LineEnv, evaluate_policy, run_episode
-from h2q.evolve.planners import (
-                                 FullMapPlanner,
-                                 OraclePolicy,
-                                 RandomPolicy,
-                                 ViewPlanner,
-                                 same_view_planner,
-                                 score_baselines,
-)
-from h2q.evolve.world import ACTIONS, OBS_LEN, Renderer, World, WorldConfig, WorldEnv, obs_len
+from h2q.evolve.env import ByteEnv, EpisodeStats, EvalResult, LineEnv, StackedEnv, evaluate_policy, run_episode
+from h2q.evolve.planners import (FullMapPlanner, OraclePolicy, RandomPolicy, ViewPlanner, same_view_planner,
+                                 score_baselines)
+from h2q.evolve.render import Renderer
+from h2q.evolve.world import ACTIONS, OBS_LEN, World, WorldConfig, WorldEnv, obs_len
 
 __all__ = ["ACTIONS", "OBS_LEN", "ByteEnv", "EpisodeStats", "EvalResult", "FullMapPlanner", "LineEnv",
-           "OraclePolicy", "RandomPolicy", "Renderer", "ViewPlanner", "World", "WorldConfig", "WorldEnv",
+           "OraclePolicy", "RandomPolicy", "Renderer", "StackedEnv", "ViewPlanner", "World", "WorldConfig", "WorldEnv",
            "evaluate_policy", "obs_len", "run_episode", "same_view_planner", "score_baselines"]

@@ -1,10 +1,10 @@
 """The agents' policy: n LoRA adapters (one `AdapterBank`) on one frozen byte-level base, deciding for
 every living agent in one batched forward.
 
-Decision path (`AgentPolicy.act`): the shared instruction `PREFIX` is run through the base once, into a
+Decision path (`AgentPolicy.act`): the shared instruction (`PREFIXES`, one per world level) is run through the base once, into a
 batch-1 KV cache that every forward reuses (kvcache prefix sharing; the prefix is the base's own
 encoding, no adapter touches it, so one copy serves all agents and all adapter updates). Each agent's
-observation bytes (fixed width, h2q/evolve/world.py) are its row of one (n_alive, OBS_LEN) forward;
+observation bytes (fixed width per world level, h2q/evolve/world.py) are its row of one (n_alive, obs_len) forward;
 row b runs with adapter `slots[agent b]` (the bank's per-row index, Punica-style), no Python loop
 over agents. The last position's logits, restricted to the 8 action bytes and divided by the
 temperature, are sampled with `h2q.generate.sample_next`; temperature 0 acts greedily.
@@ -38,10 +38,11 @@ from h2q.lora import AdapterBank, LoraConfig
 from h2q.model import Transformer
 from h2q.tokenizer import PAD
 
-# short enough for the tiny preset's 64-byte context next to one observation
-PREFIX = b"Grid: NSEW move P pick D drop F eat Z wait\n"
+# the shared instruction per world level, short enough for the tiny preset's 64-byte context next to
+# one observation of that level
+PREFIXES = {"hinted": b"Grid: NSEW move P pick D drop F eat Z wait\n", "view": b"NSEW move P pick D drop:\n"}
+PREFIX = PREFIXES["hinted"]
 KV_POLICIES = ("full", "int8", "window")
-STEP_LEN = OBS_LEN + 2  # what a memory step feeds: previous action, b"\n", observation
 
 
 @dataclass
@@ -68,18 +69,21 @@ def make_bank(model: Transformer, n_agents: int, cfg: AgentConfig) -> AdapterBan
 
 
 class AgentPolicy:
-    """n agents: agent i acts with adapter `slots[i]` of `bank` (identity by default) on `model`. The
-    model is used as it is given; to learn (learner.py) its weights must be frozen first
-    (h2q.lora.freeze_base), as evolve's base is."""
+    """n agents: agent i acts with adapter `slots[i]` of `bank` on `model` (by default one agent per
+    slot; `slots` may repeat one, e.g. one agent scored in 32 worlds at once). The model is used as it
+    is given; to learn (learner.py) its weights must be frozen first (h2q.lora.freeze_base), as
+    evolve's base is."""
 
     def __init__(self, model: Transformer, bank: AdapterBank, cfg: AgentConfig = AgentConfig(),
-                 prefix: bytes = PREFIX):
+                 prefix: bytes = PREFIX, obs_len: int = OBS_LEN, slots=None):
         self.model = model
-        self.bank, self.cfg, self.n = bank, cfg, bank.n
         weight = model.embed.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.slots = torch.arange(self.n, device=self.device)
+        self.slots = torch.arange(bank.n, device=self.device) if slots is None else \
+            torch.as_tensor(list(slots), device=self.device)
+        self.bank, self.cfg, self.n = bank, cfg, len(self.slots)
         self.action_ids = torch.tensor(list(ACTIONS), device=self.device)
+        self.obs_len, self.step_len = obs_len, obs_len + 2  # a memory step: previous action, b"\n", observation
         self.prefix_len = len(prefix)
         self.prefix_ids = torch.tensor([list(prefix)], device=self.device)  # (1, P)
         self.prefix_cache = make_cache("full", model.config, 1, self.prefix_len, self.device, self.dtype)
@@ -88,7 +92,7 @@ class AgentPolicy:
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
         K = cfg.memory
         # bytes after the prefix a decision can see: window K past steps, full/int8 up to 2K
-        self.context_width = OBS_LEN if K == 0 else (K + 1 if cfg.kv == "window" else 2 * K + 1) * STEP_LEN
+        self.context_width = obs_len if K == 0 else (K + 1 if cfg.kv == "window" else 2 * K + 1) * self.step_len
         if self.prefix_len + self.context_width > model.config.context_len:
             raise ConfigError("memory", f"of {K} lines ({self.context_width} bytes) and the prefix ({self.prefix_len}) "
                                         f"exceed the base's context of {model.config.context_len}; use fewer lines")
@@ -125,7 +129,7 @@ class AgentPolicy:
             self.memory_cache = self._new_memory_cache()
 
     def act(self, obs: np.ndarray, alive: np.ndarray) -> np.ndarray:
-        """(n, OBS_LEN) observations, (n,) alive mask -> (n,) action indices (WAIT for the dead)."""
+        """(n, obs_len) observations, (n,) alive mask -> (n,) action indices (WAIT for the dead)."""
         rows = np.flatnonzero(alive)
         actions = np.full(self.n, WAIT, dtype=np.int64)
         self.last_logprob = np.full(self.n, np.nan)

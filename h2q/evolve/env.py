@@ -115,6 +115,36 @@ class ByteEnv:
         return obs
 
 
+class StackedEnv(ByteEnv):
+    """Worlds side by side as one env: agent rows are the first world's agents, then the second's, and
+    so on, and each world keeps its own seed (`seeds`, used by every reset). One batched forward then
+    decides for all of them, e.g. one agent in each of 32 held-out worlds (Gymnasium's vector
+    environments, here along the agent axis). `info` holds the entries every world reports, joined."""
+
+    def __init__(self, envs: list[ByteEnv], seeds):
+        assert envs and len(envs) == len(seeds), "one seed per world"
+        self.envs, self.seeds = envs, list(seeds)
+        self.action_bytes, self.obs_len, self.max_steps = envs[0].action_bytes, envs[0].obs_len, envs[0].max_steps
+        assert all(e.action_bytes == self.action_bytes and e.obs_len == self.obs_len for e in envs), "alike worlds"
+        self.bounds = np.cumsum([0] + [e.num_agents for e in envs])
+        self.possible_agents = list(range(int(self.bounds[-1])))
+
+    def _reset(self, seed):
+        obs = [env.reset(s) for env, s in zip(self.envs, self.seeds)]
+        self.dones = np.concatenate([env.dones for env in self.envs])
+        return np.concatenate(obs)
+
+    def _step(self, actions):
+        parts = [env.step(actions[lo:hi]) for env, lo, hi in zip(self.envs, self.bounds[:-1], self.bounds[1:])]
+        keys = set.intersection(*(set(p[3]) for p in parts))
+        info = {k: np.concatenate([p[3][k] for p in parts]) for k in sorted(keys)}
+        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                np.concatenate([p[2] for p in parts]), info)
+
+    def fitness(self) -> np.ndarray:
+        return np.concatenate([env.fitness() for env in self.envs])
+
+
 # ---- the episode loop --------------------------------------------------------------------------------
 @dataclass
 class EpisodeStats:

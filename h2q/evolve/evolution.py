@@ -9,17 +9,22 @@ evaluation (`next_generation`):
   slots are never written), with their ids, so their fitness history continues.
 * Parents: tournament selection (the fittest of `tournament` agents drawn at random, Goldberg & Deb
   1991), or fitness-proportional (roulette) on shifted fitness; two distinct parents per child.
+  `random` is the no-selection ablation: elites and parents drawn uniformly, fitness ignored.
 * Crossover, with w = f1' / (f1' + f2') the parents' share by shifted fitness f' = f - min(f) +
   0.1 * (max(f) - min(f)) (so the population's worst still weighs a little and the sign of f does not
   matter): `merge` (default) is the fitness-weighted merge of the parents' *updates*,
   `lora.merge_product_space([p1, p2], [w, 1 - w])`, the best rank-r approximation of w dW1 + (1-w) dW2;
   `factors` is the original design's child = p1 * w + p2 * (1 - w) on A and B separately
   (`lora.average_factors`, cross terms included, see h2q/lora.py); `layer` takes whole layers from
-  either parent (`layer_crossover`).
+  either parent (`layer_crossover`); `none` is the no-crossover ablation (the child is the fitter
+  parent, mutated).
 * Mutation: `mutate`, Gaussian noise of std = mutation_rate * RMS of each tensor.
 
-Strategies (`--strategy`): `hybrid` and `evolution` breed as above (the runner turns online learning
-on for hybrid, off for evolution); `gradient` breeds nothing; `meta` is Reptile (Nichol et al. 2018)
+Strategies (`--strategy`): `hybrid` breeds as above over agents that also learn by gradient in life
+(the runner turns online learning on): selection and crossover over learners, as ERL (Khadka & Tumer
+2018) combines a GA with gradient learning; `evolution` learns without gradients, by the evolution
+strategy of h2q/evolve/es.py (OpenAI-ES in a random subspace of the adapters, with the 1/5th rule on
+its step size; online learning off); `gradient` breeds nothing; `meta` is Reptile (Nichol et al. 2018)
 across generations: a meta adapter theta moves toward the elites after every cycle, theta += eps *
 (mean(elites) - theta) factor-wise (the elites descend from theta, so they share A closely and factor
 averaging is the parameter-space step Reptile takes), and the non-elites restart from mutate(theta),
@@ -51,12 +56,13 @@ import torch
 from h2q import lora
 from h2q.config import ModelConfig, check_options, option
 from h2q.errors import ConfigError
+from h2q.evolve.es import EvolutionStrategy, make_strategy
 from h2q.lora import AdapterBank, LoraAdapter, LoraConfig
 
 STRATEGIES = ("hybrid", "evolution", "gradient", "meta")
 LEARNS = {"hybrid": True, "evolution": False, "gradient": True, "meta": True}  # online learning in life
-CROSSOVERS = ("merge", "factors", "layer")
-SELECTIONS = ("tournament", "proportional")
+CROSSOVERS = ("merge", "factors", "layer", "none")
+SELECTIONS = ("tournament", "proportional", "random")
 FLOOR_SHARE = 0.1  # the worst agent's shifted fitness, as a share of the population's fitness spread
 LR_RANGE, TEMPERATURE_RANGE = (1e-6, 1.0), (0.05, 5.0)  # PBT keeps hyperparameters inside these
 # mutation noise scale for a tensor that is all zero and has no nonzero partner to borrow a scale from
@@ -83,12 +89,18 @@ class BreedConfig:
     min_rank: int = option(2, "adaptive rank: the smallest rank", at_least=1)
     max_rank: int = option(0, "adaptive rank: the largest rank, the bank's (0 = 2 x the starting rank)", at_least=0)
     rank_step: int = option(2, "adaptive rank: how much a child's rank grows or shrinks", at_least=1)
+    es_dim: int = option(64, "evolution: dimension of the random subspace of the adapters' B factors searched",
+                         at_least=1, at_most=4096)
+    es_sigma: float = option(0.5, "evolution: the starting step size of the search (in subspace units)",
+                             above=0, at_most=10)
+    es_lr: float = option(0.2, "evolution: Adam's learning rate on the search distribution's centre", above=0,
+                          at_most=10)
 
     def __post_init__(self):
         check_options(self)
-        if self.adaptive_rank and self.strategy not in ("hybrid", "evolution"):
-            raise ConfigError("adaptive_rank", f"evolves ranks through breeding: use it with strategy hybrid or "
-                                               f"evolution, not {self.strategy}")
+        if self.adaptive_rank and self.strategy != "hybrid":
+            raise ConfigError("adaptive_rank", f"evolves ranks through breeding: use it with strategy hybrid, "
+                                               f"not {self.strategy}")
         if self.adaptive_rank and self.crossover != "merge":
             raise ConfigError("adaptive_rank", f"breeds children of a new rank, which only crossover merge can "
                                                f"make (not {self.crossover})")
@@ -111,6 +123,8 @@ class Evaluation:
     per_agent: dict[str, np.ndarray]  # other (n,) figures, e.g. pct_oracle, bpb
     totals: dict[str, float]  # counts summed over agents, e.g. food_delivered, deaths
     references: dict[str, float]  # per-agent reference levels, e.g. oracle, random, base_bpb
+    figures: dict = field(default_factory=dict)  # JSON-able figures for the metrics record, e.g. action counts
+    files: dict = field(default_factory=dict)  # name -> JSON-able object for the cycle folder, e.g. world.json
 
 
 @dataclass
@@ -135,23 +149,32 @@ class Agent:
 
 class Population:
     """The agents: their adapters in one AdapterBank (slot i = agent i, allocated at the bank's rank),
-    their lineage records, the dead ones, and for `meta` the meta adapter."""
+    their lineage records, the dead ones, for `meta` the meta adapter, for `evolution` the search
+    distribution (h2q/evolve/es.py)."""
 
     def __init__(self, bank: AdapterBank, agents: list[Agent], dead: list[Agent], next_id: int,
-                 meta: LoraAdapter | None = None):
+                 meta: LoraAdapter | None = None, es: EvolutionStrategy | None = None):
         assert [a.slot for a in agents] == list(range(bank.n)), "agent i lives in bank slot i"
-        self.bank, self.agents, self.dead, self.next_id, self.meta = bank, agents, dead, next_id, meta
+        self.bank, self.agents, self.dead, self.next_id, self.meta, self.es = bank, agents, dead, next_id, meta, es
 
     @classmethod
     def initial(cls, base_config: ModelConfig, config: LoraConfig, n: int, bank_rank: int, lr: float,
                 temperature: float, mutation_rate: float, generator: torch.Generator,
-                meta: bool = False) -> "Population":
+                meta: bool = False, es: dict | None = None) -> "Population":
         """n mutations (at the mutation rate) of one fresh adapter of rank config.r (Kaiming A, zero B):
         generation 1 already differs, and every agent descends from one init, so merged parents share
         their A subspace (model soups and linear mode connectivity: weights fine-tuned from a shared
-        init average well, ones from different inits do not). For meta that init is the meta adapter."""
+        init average well, ones from different inits do not). For meta that init is the meta adapter.
+        With `es` (make_strategy's dim, sigma, lr, seed) the agents are the search distribution's
+        first generation instead: its centre and antithetic pairs around it."""
         bank = AdapterBank(base_config, replace(config, r=bank_rank), n, init=False)
         agents = [Agent(f"a{i + 1:04d}", i, [], 1, config.r, lr, temperature) for i in range(n)]
+        if es is not None:
+            strategy = make_strategy(base_config, config, n, generator=generator, **es)
+            population = cls(bank, agents, [], n, es=strategy)
+            for slot, adapter in enumerate(strategy.ask(generator)):
+                population.set(slot, adapter)
+            return population
         init = LoraAdapter(base_config, config, generator=generator)
         population = cls(bank, agents, [], n, meta=init if meta else None)
         for slot in range(n):
@@ -197,6 +220,8 @@ class Population:
         out = {f"bank.{k}": v for k, v in self.bank.state_dict().items()}
         if self.meta is not None:
             out.update({f"meta.{k}": v for k, v in self.meta.tensors().items()})
+        if self.es is not None:
+            out.update({f"es.{k}": v for k, v in self.es.state_dict().items()})
         return out
 
     def load(self, lineage: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
@@ -211,6 +236,8 @@ class Population:
             with torch.no_grad():
                 for k, t in self.meta.tensors().items():
                     t.copy_(tensors[f"meta.{k}"])
+        if self.es is not None:
+            self.es.load_state_dict({k[len("es."):]: v.cpu() for k, v in tensors.items() if k.startswith("es.")})
 
     def to(self, device) -> "Population":
         self.bank.to(device)
@@ -270,9 +297,11 @@ def shifted(fitness) -> np.ndarray:
 
 
 def pick_parent(fitness, cfg: BreedConfig, rng: np.random.Generator, exclude: int | None = None) -> int:
-    """One parent slot by tournament or roulette, never `exclude`."""
+    """One parent slot by tournament, roulette or at random, never `exclude`."""
     n = len(fitness)
     pool = np.array([i for i in range(n) if i != exclude])
+    if cfg.selection == "random":
+        return int(rng.choice(pool))
     if cfg.selection == "tournament":
         entrants = rng.choice(pool, size=min(cfg.tournament, len(pool)), replace=False)
         return int(entrants[ranking(np.asarray(fitness)[entrants])[0]])
@@ -292,6 +321,8 @@ def breed(p1: LoraAdapter, p2: LoraAdapter, w: float, crossover: str, rank: int,
     `layer` need parents of that rank (BreedConfig allows only `merge` with adaptive rank)."""
     if crossover == "merge":
         return lora.merge_product_space([p1, p2], [w, 1.0 - w], rank=rank)
+    if crossover == "none":
+        return (p1 if w >= 0.5 else p2).clone()
     assert p1.config.r == p2.config.r == rank, "factor-wise crossover needs parents of the child's rank"
     if crossover == "factors":
         return lora.average_factors([p1, p2], [w, 1.0 - w])
@@ -355,13 +386,20 @@ def next_generation(population: Population, fitness, cfg: BreedConfig, cycle: in
     fitness = np.asarray(fitness, dtype=np.float64)
     n = population.n
     assert fitness.shape == (n,), f"one fitness per agent, got shape {fitness.shape}"
-    order = ranking(fitness)
+    order = rng.permutation(n) if cfg.selection == "random" else ranking(fitness)  # random: no selection
     n_elite = elite_count(n, cfg.elite_frac)
     elites = set(order[:n_elite].tolist())
     replaced = sorted(order[n_elite:].tolist())
     bank_rank = population.bank.config.r
     born: dict[int, tuple[Agent, LoraAdapter]] = {}
-    if cfg.strategy == "gradient":
+    if cfg.strategy == "evolution":
+        population.es.tell(fitness)
+        centre = population.agents[0]
+        replaced = list(range(n))
+        for slot, adapter in enumerate(population.es.ask(generator)):
+            born[slot] = (Agent(population.new_id(), slot, [centre.id], cycle + 1, bank_rank, *hyper(centre)),
+                          adapter)
+    elif cfg.strategy == "gradient":
         if not cfg.pbt:
             return []
         replaced = sorted(order[n - n_elite:].tolist())

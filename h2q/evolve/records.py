@@ -10,6 +10,11 @@ point: resume reads the cycle it names, drops metrics records and cycle folders 
 the learner states of that very cycle (older ones are removed only after the main state is written).
 Readers see the committed cycles only: cycle folders and metrics records up to the cycle the main
 state names, population.json while it describes that cycle, statistics from its history.
+
+One run writes a folder at a time: `RunLock` (rank 0) holds OUT/.lock (h2q.checkpoint.FolderLock)
+from start to end, removes the temporary files a killed writer left, and on release removes what an
+uncommitted cycle left (cycle folders and learner states past the commit point), so a run that
+stops on an error (a full disk) leaves the folder as its last commit.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 
 from h2q import checkpoint
-from h2q.errors import H2QError
+from h2q.errors import FileFormatError, H2QError
 from h2q.evolve.evolution import Evaluation, Population
 
 RUN_ROOT = Path("checkpoints/evolve")
@@ -65,9 +70,54 @@ def agent_dirs(cycle_folder: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+class RunLock:
+    """Rank 0's hold on a run folder for the length of a run (see the module docstring)."""
+
+    def __init__(self, out: Path, resume: bool):
+        if resume and not (out / STATE_DIR / STATE_FILE).is_file():
+            raise H2QError(f"--resume: no evolve state in {out}; start without --resume")
+        self.out, self.lock = out, checkpoint.FolderLock(out, "--out")
+        folders = [out, out / STATE_DIR]
+        for cycle in cycle_dirs(out).values():
+            folders += [cycle, *agent_dirs(cycle).values()]
+        for folder in folders:
+            checkpoint.remove_stale_temps(folder)
+
+    def release(self) -> None:
+        try:
+            drop_uncommitted(self.out)
+        except H2QError:  # an unreadable main state: leave everything for --resume to judge
+            pass
+        finally:
+            self.lock.release()
+
+
+def drop_uncommitted(out: Path) -> None:
+    """Remove the cycle folders and learner states newer than the committed cycle (deleting only:
+    this works on a full disk)."""
+    last, _ = committed(out)
+    for number, folder in cycle_dirs(out).items():
+        if number > last:
+            shutil.rmtree(folder, ignore_errors=True)
+    for path in (out / STATE_DIR).glob("env_c*_r*.safetensors"):
+        if _env_cycle(path) > last:
+            path.unlink(missing_ok=True)
+
+
+def _env_cycle(path: Path) -> int:
+    return int(path.name[len("env_c"):].split("_")[0])
+
+
+OTHER_KINDS = (checkpoint.MODEL_FILE, checkpoint.STATE_FILE, checkpoint.ADAPTER_FILE, "training_log.json")
+
+
 def start_fresh(out: Path, config: dict) -> None:
     if (out / STATE_DIR / STATE_FILE).exists():
         raise H2QError(f"{out} already holds an evolve run; continue it with --resume or choose another --out")
+    other = [name for name in OTHER_KINDS if (out / name).exists()]
+    if other:
+        raise H2QError(f"--out {out} holds {other[0]} of a model or training run, not an evolve run; choose "
+                       f"another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS).unlink(missing_ok=True)
     checkpoint.atomic_write_json(out / CONFIG, config)
@@ -79,8 +129,11 @@ def check_resumable(out: Path, config: dict, may_change: set[str]) -> None:
         raise H2QError(f"--resume: no evolve state in {out}; start without --resume")
     try:
         saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise H2QError(f"--resume: {out / CONFIG} is unreadable ({e}); start a new run") from None
+    except (OSError, ValueError) as e:
+        raise H2QError(f"--resume: {out / CONFIG} is unreadable ({e}); restore it or start a new run") from None
+    if not isinstance(saved, dict):
+        raise H2QError(f"--resume: {out / CONFIG} holds a JSON {type(saved).__name__}, not the run's settings; "
+                       f"restore it or start a new run")
     changed = sorted(k for k in config if k not in may_change and saved.get(k) != config[k])
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {config[k]!r}" for k in changed[:4])
@@ -120,8 +173,7 @@ def metrics_record(cycle: int, ev: Evaluation, life: dict[str, np.ndarray], prev
 
 
 def append_metrics(out: Path, record: dict) -> None:
-    with open(out / METRICS, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+    checkpoint.append_jsonl(out / METRICS, record)
 
 
 def evolution_stats(history: list[dict]) -> dict:
@@ -148,24 +200,47 @@ def save_state(out: Path, cycle: int, population: Population, history: list[dict
             "lineage": json.dumps(population.lineage_state())}
     checkpoint.save_tensors(folder / STATE_FILE, population.tensors(), meta)
     for old in folder.glob("env_c*_r*.safetensors"):
-        if int(old.name[len("env_c"):].split("_")[0]) < cycle:
+        if _env_cycle(old) < cycle:
             old.unlink(missing_ok=True)
 
 
-def read_state(out: Path, rank: int, world_size: int):
-    """-> (cycle, lineage, population tensors, history, this rank's learner tensors)."""
-    tensors, meta = checkpoint.read_tensors(out / STATE_DIR / STATE_FILE, "evolve state")
-    if int(meta["world_size"]) != world_size:
-        raise H2QError(f"--resume: the run used {meta['world_size']} processes; resume with as many")
-    cycle = int(meta["cycle"])
-    env, _ = checkpoint.read_tensors(out / STATE_DIR / f"env_c{cycle:03d}_r{rank}.safetensors", "learner state")
-    return cycle, json.loads(meta["lineage"]), tensors, json.loads(meta["history"]), env
+STATE_KEYS = ("cycle", "world_size", "history", "lineage")
+
+
+def read_state(out: Path, rank: int, world_size: int, population: dict[str, torch.Tensor],
+               learner: dict[str, torch.Tensor]):
+    """-> (cycle, lineage, population tensors, history, this rank's learner tensors), each checked
+    against what this run holds now (`population`: Population.tensors(), `learner`: the env's
+    state_tensors()): keys, shapes, dtypes; the adapters finite."""
+    path = out / STATE_DIR / STATE_FILE
+    tensors, meta = checkpoint.read_tensors(path, "evolve state")
+    fix = "restore it, or start a new run in another --out"
+    missing = [k for k in STATE_KEYS if k not in meta]
+    if missing:
+        kind = " (it is a model checkpoint)" if meta.get("format") == checkpoint.FORMAT else ""
+        raise FileFormatError(f"{path} is not an evolve state{kind}: no {', '.join(missing)} in its metadata; {fix}")
+    try:
+        cycle, saved_size = int(meta["cycle"]), int(meta["world_size"])
+        lineage, history = json.loads(meta["lineage"]), json.loads(meta["history"])
+        if not (isinstance(lineage, dict) and {"agents", "dead", "next_id"} <= lineage.keys()
+                and isinstance(history, list)):
+            raise ValueError("lineage or history of the wrong shape")
+    except ValueError as e:
+        raise FileFormatError(f"{path} has unreadable metadata ({e}); {fix}") from None
+    if saved_size != world_size:
+        raise H2QError(f"--resume: the run used {saved_size} processes; resume with as many")
+    checkpoint.check_tensors(tensors, population, path, f"it does not fit this run's population; {fix}")
+    env_path = out / STATE_DIR / f"env_c{cycle:03d}_r{rank}.safetensors"
+    env, _ = checkpoint.read_tensors(env_path, "learner state")
+    checkpoint.check_tensors(env, learner, env_path, f"it does not fit this run's learner; {fix}", finite=False)
+    return cycle, lineage, tensors, history, env
 
 
 def drop_after(out: Path, cycle: int) -> None:
     """Forget what an interrupted cycle after `cycle` left: its metrics records and adapter folders."""
     metrics = out / METRICS
-    kept = [line for line, record in _jsonl(metrics) if record["cycle"] <= cycle] if metrics.exists() else []
+    kept = [line for line, record in checkpoint.read_jsonl_lines(metrics)
+            if not isinstance(record.get("cycle"), (int, float)) or record["cycle"] <= cycle] if metrics.exists() else []
     checkpoint.atomic_write_text(metrics, "".join(line + "\n" for line in kept))
     for number, folder in cycle_dirs(out).items():
         if number > cycle:
@@ -185,7 +260,7 @@ def committed(out: Path) -> tuple[int, list[dict]]:
     path = out / STATE_DIR / STATE_FILE
     if not path.is_file():
         return 0, []
-    _, meta = checkpoint.read_tensors(path, "evolve state")
+    meta = checkpoint.read_metadata(path, "evolve state")  # readers need the commit point, not the tensors
     try:
         return int(meta["cycle"]), json.loads(meta.get("history", "[]"))
     except (KeyError, ValueError) as e:
@@ -240,29 +315,9 @@ def population(out: Path) -> list[dict]:
         return []
 
 
-def _jsonl(path: Path) -> list[tuple[str, dict]]:
-    """(line, record) of a JSON-lines log. A last line without its newline is a record still being
-    appended (by a live or killed run) and is left out; any other broken line is a H2QError."""
-    lines = path.read_text(encoding="utf-8").split("\n")
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                continue
-            raise H2QError(f"{path} line {number} is not JSON; repair or delete that line") from None
-        if not isinstance(record, dict):
-            raise H2QError(f"{path} line {number} is not a JSON object; repair or delete that line")
-        records.append((line, record))
-    return records
-
-
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSON-lines log (an evolve run's metrics.jsonl, or a training run's)."""
-    return [record for _, record in _jsonl(path)]
+    return [record for _, record in checkpoint.read_jsonl_lines(path)]
 
 
 def read_metrics(out: Path) -> list[dict]:

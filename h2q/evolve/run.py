@@ -43,7 +43,10 @@ from h2q.config import PRESETS, check_options, option
 from h2q.errors import H2QError
 from h2q.evolve import records
 from h2q.evolve.evolution import LEARNS, BreedConfig, Evaluation, Population, diversity, next_generation
-from h2q.evolve.text_env import TextConfig
+from h2q.evolve.grid_env import FITNESS, AgentKnobs, GridEnv
+from h2q.evolve.text_env import TextConfig, TextEnv
+from h2q.evolve.render import Renderer
+from h2q.evolve.world import WorldConfig
 from h2q.lora import AdapterBank, LoraConfig, freeze_base
 from h2q.model import Transformer
 
@@ -70,6 +73,12 @@ class EvolveConfig:
     lr: float = option(2e-3, "learning rate of the adapters (each agent's starting one under --pbt)", above=0,
                        at_most=10)
     temperature: float = option(1.0, "grid: the agents' sampling temperature (one for all)", above=0, at_most=100)
+    world: str = option("hinted", "grid: the world level: hinted (the next step is in the text) or view (an "
+                        "egocentric window and a home compass, no path: agents must learn to see)",
+                        choices=["hinted", "view"])
+    window: int = option(5, "grid, view level: the side of each agent's window of cells (odd)", at_least=3, at_most=9)
+    fitness: str = option("food", "grid: what selection ranks agents by: food (delivered per step, plus a small "
+                          "survival term) or return (the shaped reward of learning)", choices=list(FITNESS))
     quant: str = option("none", "quantize the base in memory", choices=["none", "int8", "int4"])
     memory: int = option(0, "grid: past (observation, action) lines each agent keeps in its KV cache", at_least=0)
     kv: str = option("window", "grid: KV-cache policy of that memory", choices=["window", "full", "int8"])
@@ -77,7 +86,7 @@ class EvolveConfig:
     device: str = option("auto", "auto, cpu or cuda")
     threads: int = option(0, "torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy CPU",
                           at_least=0)
-    render: bool = option(False, "draw the world during each life (rank 0)")
+    render: bool = option(False, "draw the world in the terminal while the agents live and are evaluated (rank 0)")
     resume: bool = option(False, "continue the run in --out from its last completed cycle")
     report: bool = option(False, "write OUT/report/report.html at the end (needs matplotlib)")
     keep_cycles: int = option(0, "keep only the newest K cycle_NNN adapter folders (0 = all)", at_least=0)
@@ -178,32 +187,46 @@ class Runner:
         init = torch.Generator().manual_seed(seed_for(cfg.seed, 0, "init"))
         self.population = Population.initial(self.model.config, lora_config, cfg.agents, breed.bank_rank(cfg.lora_rank),
                                              cfg.lr, cfg.temperature, breed.mutation_rate, init,
-                                             meta=breed.strategy == "meta").to(self.device)
+                                             meta=breed.strategy == "meta", es=self._es_options()).to(self.device)
         self.lo, self.hi = self.group.share(cfg.agents)
         bank = self.population.bank
         self.local = bank if self.group.size == 1 else \
             AdapterBank(self.model.config, bank.config, self.hi - self.lo, init=False).to(self.device)
+        self.render = Renderer() if cfg.render and self.lead and cfg.env == "grid" else None
         self.env = self._make_env(text)
         self.config = {**asdict(cfg), **asdict(breed), **({"text": asdict(text)} if cfg.env == "text" else {}),
                        "steps": cfg.life_steps, "bank_rank": bank.config.r, "model_config": self.model.config.to_dict(),
                        "base_fingerprint": self.model.fingerprint, "world_size": self.group.size}
         self.history: list[dict] = []  # per cycle: best fitness and its agent
         self.done = 0
-        if cfg.resume:
-            self._load_state()
-        elif self.lead:
-            records.start_fresh(self.out, self.config)
+        self.lock = records.RunLock(self.out, cfg.resume) if self.lead else None
+        try:
+            if cfg.resume:
+                self._load_state()
+            elif self.lead:
+                records.start_fresh(self.out, self.config)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let go of the run folder (rank 0), leaving it as its last committed cycle."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _es_options(self) -> dict | None:
+        b = self.breed
+        if b.strategy != "evolution":
+            return None
+        return {"dim": b.es_dim, "sigma": b.es_sigma, "lr": b.es_lr, "seed": seed_for(self.cfg.seed, 0, "init")}
 
     def _make_env(self, text: TextConfig):
         if self.cfg.env == "text":
-            from h2q.evolve.text_env import TextEnv
             return TextEnv(self.model, self.local, text, self.device, log=print if self.lead else (lambda *a, **k: None))
-        from h2q.evolve.grid_env import AgentKnobs, GridEnv
-        from h2q.evolve.world import Renderer, WorldConfig
         cfg = self.cfg
-        render = Renderer() if cfg.render and self.lead else None
-        knobs = AgentKnobs(lr=cfg.lr, temperature=cfg.temperature, memory=cfg.memory, kv=cfg.kv)
-        return GridEnv(self.model, self.local, WorldConfig(steps=cfg.life_steps), cfg.eval_episodes, knobs, render)
+        knobs = AgentKnobs(lr=cfg.lr, temperature=cfg.temperature, memory=cfg.memory, kv=cfg.kv, fitness=cfg.fitness)
+        world = WorldConfig(steps=cfg.life_steps, level=cfg.world, window=cfg.window)
+        return GridEnv(self.model, self.local, world, cfg.eval_episodes, knobs, self.render)
 
     # -- moving agents between the shared bank and this process's ------------------------------------
     def _pull(self) -> None:
@@ -232,7 +255,9 @@ class Runner:
 
         totals = {k: total(v) for k, v in ev.totals.items()}
         refs = {k: total(v * share) for k, v in ev.references.items()}
-        return Evaluation(self._gather(ev.fitness), {k: self._gather(v) for k, v in ev.per_agent.items()}, totals, refs)
+        per_agent = {k: self._gather(v) for k, v in ev.per_agent.items()}
+        # figures and files stay this process's own (the lead's: its share of the agents)
+        return Evaluation(self._gather(ev.fitness), per_agent, totals, refs, ev.figures, ev.files)
 
     # -- one cycle -------------------------------------------------------------------------------------
     def cycle(self, c: int) -> dict | None:
@@ -243,9 +268,13 @@ class Runner:
         self._pull()
         with tqdm(total=self.env.ticks(cfg.life_steps, learns), desc=f"cycle {c}/{cfg.cycles}", unit="tick",
                   leave=False, dynamic_ncols=True, disable=not (self.lead and cfg.progress and not cfg.render)) as bar:
+            if self.render is not None and learns:
+                self.render.phase(cycle=c, cycles=cfg.cycles, phase="live")
             life = self.env.live(agents, cfg.life_steps, seed_for(cfg.seed, c, "live", rank), bar.update) if learns else {}
             self._push()
             lived = time.perf_counter()
+            if self.render is not None:
+                self.render.phase(cycle=c, cycles=cfg.cycles, phase="eval", episodes=cfg.eval_episodes)
             ev = self._gather_evaluation(self.env.evaluate(agents, seed_for(cfg.seed, c, "eval", rank), bar.update))
         phases = {"live_s": round(lived - start, 3), "eval_s": round(time.perf_counter() - lived, 3)}
         life = {k: self._gather(v) for k, v in life.items()}
@@ -253,17 +282,21 @@ class Runner:
         if self.lead:
             pop.record_fitness(ev.fitness)
             records.save_cycle(self.out, c, pop, self.model, cfg.keep_cycles)
+            for name, content in ev.files.items():
+                checkpoint.atomic_write_json(records.cycle_dir(self.out, c) / name, content)
             spread = diversity(pop.bank)
             previous = self.history[-1]["best"] if self.history else None
-            self.history.append({"cycle": c, "best": float(ev.fitness.max()),
-                                 "agent": pop.agents[int(np.argmax(ev.fitness))].id})
+            best_slot = int(np.argmax(ev.fitness))
+            self.history.append({"cycle": c, "best": float(ev.fitness.max()), "agent": pop.agents[best_slot].id})
             breeding = torch.Generator().manual_seed(seed_for(cfg.seed, c, "breed"))
             rng = np.random.default_rng(seed_for(cfg.seed, c, "breed"))
             replaced = next_generation(pop, ev.fitness, self.breed, c, breeding, rng, self.env.per_agent_temperature)
             record = records.metrics_record(c, ev, life, previous, diversity=spread,
                                             mean_rank=float(np.mean([a.rank for a in pop.agents])), **phases,
                                             wall_s=round(time.perf_counter() - start, 3),
-                                            strategy=self.breed.strategy, env=cfg.env)
+                                            strategy=self.breed.strategy, env=cfg.env, best_slot=best_slot,
+                                            best_agent=self.history[-1]["agent"], **ev.figures,
+                                            **(pop.es.last if pop.es is not None else {}))
             records.append_metrics(self.out, record)
             checkpoint.atomic_write_json(self.out / "evolution_stats.json", records.evolution_stats(self.history))
         self._share_population(replaced)
@@ -295,7 +328,8 @@ class Runner:
 
     def _load_state(self) -> None:
         records.check_resumable(self.out, self.config, RESUMABLE)
-        c, lineage, tensors, self.history, env_state = records.read_state(self.out, self.group.rank, self.group.size)
+        c, lineage, tensors, self.history, env_state = records.read_state(
+            self.out, self.group.rank, self.group.size, self.population.tensors(), self.env.state_tensors())
         self.population.load(lineage, {k: v.to(self.device) for k, v in tensors.items()})
         self.env.load_state_tensors(env_state)
         self.done = c
@@ -320,6 +354,13 @@ def evolve(cfg: EvolveConfig, breed: BreedConfig, text: TextConfig, on_cycle=Non
     """Run (or resume) an evolve run; returns a summary. `on_cycle(cycle, record)` is called after
     each completed cycle (tests use it to interrupt)."""
     runner = Runner(cfg, breed, text)
+    try:
+        return run_cycles(runner, cfg, breed, on_cycle)
+    finally:
+        runner.release()
+
+
+def run_cycles(runner: Runner, cfg: EvolveConfig, breed: BreedConfig, on_cycle=None) -> dict:
     interrupted = False
     if runner.lead:
         where = f"{runner.group.size} processes" if runner.group.size > 1 else str(runner.device)
@@ -329,17 +370,21 @@ def evolve(cfg: EvolveConfig, breed: BreedConfig, text: TextConfig, on_cycle=Non
             f"all {runner.done} cycles already done (raise --cycles to go on)"
         print(f"evolving {cfg.agents} agents ({breed.strategy}, env {cfg.env}) over base {base} on {where}: "
               f"{todo} into {runner.out}")
+    say = runner.render.log if runner.render is not None else tqdm.write  # the alternate screen keeps its lines
     try:
         for c in range(runner.done + 1, cfg.cycles + 1):
             record = runner.cycle(c)
             if runner.lead:
-                tqdm.write(summary_line(record, cfg.cycles))
+                say(summary_line(record, cfg.cycles))
             if on_cycle is not None:
                 on_cycle(c, record)
     except KeyboardInterrupt:
         interrupted = True
-        if runner.lead:
-            print(f"interrupted: cycles up to {runner.done} are saved in {runner.out}; continue with --resume")
+    finally:
+        if runner.render is not None:
+            runner.render.close()
+    if interrupted and runner.lead:
+        print(f"interrupted: cycles up to {runner.done} are saved in {runner.out}; continue with --resume")
     if runner.lead and cfg.report and not interrupted:
         write_report(runner.out)
     return {"out": str(runner.out), "cycles": runner.done, "interrupted": interrupted,
@@ -358,10 +403,31 @@ def write_report(out: Path) -> None:
         print(f"report: {e}")
 
 
+EXAMPLES = [
+    ("python evolve.py --cycles 10", "10 generations of 20 agents over checkpoints/base, into "
+     "checkpoints/evolve/run-NNN"),
+    ("python evolve.py --world view --cycles 20", "the level without the answer in the text: agents must learn "
+     "to see"),
+    ("python evolve.py --base random --preset tiny --agents 4 --steps 30 --cycles 2",
+     "a quick smoke run, no trained base needed"),
+    ("python evolve.py --render --cycles 3", "watch the world in the terminal while the agents live and are scored"),
+    ("python evolve.py --resume --cycles 20", "continue the newest run up to cycle 20"),
+    ("python evolve.py --strategy evolution --report", "the evolution strategy alone, no gradients; write "
+     "OUT/report/report.html at the end"),
+    ("python scripts/report.py checkpoints/evolve/run-001", "the report of a run, at any time"),
+]
+GROUPS = {
+    "run": ["base", "preset", "out", "cycles", "agents", "steps", "seed", "resume", "keep_cycles", "report"],
+    "grid world (--env grid)": ["env", "world", "window", "eval_episodes", "fitness", "temperature", "memory", "kv"],
+    "adapters and learning": ["lora_rank", "lora_alpha", "lr", "quant"],
+    "hardware and display": ["device", "threads", "render", "progress"],
+}
+
+
 def main(argv=None) -> int:
-    parser = Parser(prog="evolve.py", description="Self-evolution of the agents' LoRA adapters: "
-                                     "live (online learning), evaluate, select and breed, once per cycle.")
-    add_dataclass_flags(parser, EvolveConfig)
+    parser = Parser(prog="evolve.py", description="Self-evolution of the agents' LoRA adapters: live (online "
+                    "learning), evaluate, select and breed, once per cycle.", examples=EXAMPLES)
+    add_dataclass_flags(parser, EvolveConfig, groups=GROUPS)
     add_dataclass_flags(parser, BreedConfig, "evolution")
     add_dataclass_flags(parser, TextConfig, "text env (--env text)")
     args = parser.parse_args(argv)

@@ -77,8 +77,6 @@ Fitness (for comparing policies, unshaped): food delivered per step plus a small
 """
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -453,42 +451,3 @@ class WorldEnv(ByteEnv):
         w = self.world  # an episode all agents died in still counts its full length
         return w.fitness(w.t if w.alive.any() else self.max_steps)
 
-
-# ---- terminal view -------------------------------------------------------------------------------
-AGENT_GLYPHS = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def render_text(world: World) -> str:
-    """The map (`#` wall, `*` food, `H` home, agents by id, `@` beyond 36) and one status line per
-    few agents (id, energy, `+` when carrying, `x` when dead)."""
-    grid = np.where(world.walls, "#", " ").astype("<U1")
-    grid[world.food] = "*"
-    grid[world.home[1], world.home[0]] = "H"
-    for i in np.flatnonzero(world.alive):
-        grid[world.pos[i, 1], world.pos[i, 0]] = AGENT_GLYPHS[i] if i < len(AGENT_GLYPHS) else "@"
-    lines = ["".join(row) for row in grid]
-    lines.append(f"t={world.t}  delivered={int(world.delivered.sum())}  alive={int(world.alive.sum())}/{world.n}")
-    status = [f"{AGENT_GLYPHS[i] if i < len(AGENT_GLYPHS) else '@'}:"
-              + (f"{int(np.ceil(world.energy[i])):3d}{'+' if world.carrying[i] else ' '}" if world.alive[i] else "  x ")
-              for i in range(world.n)]
-    lines += ["  ".join(status[k:k + 8]) for k in range(0, len(status), 8)]
-    return "\n".join(lines)
-
-
-class Renderer:
-    """Redraws the world in place (ANSI home + clear) at most `fps` times a second. Built only for
-    `--render`; the episode loop calls nothing when there is none."""
-
-    def __init__(self, fps: float = 8.0, stream=None):
-        self.interval = 1.0 / fps if fps > 0 else 0.0
-        self.stream = stream or sys.stdout
-        self._last = 0.0
-
-    def __call__(self, world: World | WorldEnv) -> None:
-        world = world.world if isinstance(world, WorldEnv) else world
-        wait = self._last + self.interval - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        self.stream.write("\x1b[H\x1b[2J" + render_text(world) + "\n")
-        self.stream.flush()
-        self._last = time.perf_counter()

@@ -1,0 +1,257 @@
+"""The social env on tiny configs: the feed and follow rules, the quality signal and the readers' reward on
+crafted posts, graph figures, determinism under a seed, exact resume, and the batched multi-adapter
+decode of the writers."""
+import numpy as np
+import pytest
+import torch
+
+from h2q import generate as generation
+from h2q.config import PRESETS
+from h2q.errors import ConfigError
+from h2q.evolve import quality as Q
+from h2q.evolve import records
+from h2q.evolve.evolution import Population
+from h2q.evolve.social_env import (
+    Network,
+    SocialConfig,
+    SocialEnv,
+    apply_actions,
+    build_feeds,
+    clustering,
+    density,
+    render_text,
+)
+from h2q.lora import LoraConfig, freeze_base
+from h2q.model import Transformer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = SocialConfig(post_bytes=16, prompt_bytes=8, eval_ticks=2, feed_size=3, feed_random=1)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return Q.load_topic_corpus(max_docs=48)
+
+
+def tiny_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return freeze_base(Transformer(PRESETS["tiny"])).to(dtype).eval()
+
+
+def population(model, n=6):
+    pop = Population.initial(model.config, LoraConfig(r=4, alpha=8), n, 4, 5e-3, 1.0, 0.5,
+                             torch.Generator().manual_seed(0))
+    return pop.to(model.embed.weight.device)
+
+
+def make_env(corpus, n=6, cfg=TINY):
+    model = tiny_model()
+    pop = population(model, n)
+    return SocialEnv(model, pop.bank, cfg, corpus=corpus), pop
+
+
+def bank_tensors(pop):
+    return [p.detach().clone() for p in pop.bank.parameters()]
+
+
+# -- the rules -------------------------------------------------------------------------------------------
+def test_feeds_hold_followed_authors_first_then_random_posts_never_ones_own():
+    n, k, k_random = 6, 4, 1
+    authors = np.array([0, 1, 2, 3, 4])  # agent 5 did not post this tick
+    follows = np.zeros((n, n), dtype=bool)
+    follows[0, [1, 2, 3, 4]] = True  # follows four authors: only k - k_random = 3 of them get in first
+    follows[5, 2] = True
+    readers, posts = build_feeds(authors, follows, k, k_random, np.random.default_rng(0))
+    assert np.all(np.diff(readers) >= 0), "reader-major rows"
+    for reader in range(n):
+        feed = authors[posts[readers == reader]]
+        candidates = [a for a in authors if a != reader]
+        assert reader not in feed and len(set(feed)) == len(feed) == min(k, len(candidates))
+    assert set(authors[posts[readers == 5]]) >= {2}
+    # reader 0: the three first places go to followed authors, the random one may be followed too
+    assert follows[0, authors[posts[readers == 0]][:3]].all()
+    again = build_feeds(authors, follows, k, k_random, np.random.default_rng(0))
+    assert all(np.array_equal(a, b) for a, b in zip((readers, posts), again)), "seeded: the same feeds"
+
+
+def test_feed_random_places_stay_random_when_enough_followed_posts():
+    n = 8
+    authors = np.arange(n)
+    follows = np.zeros((n, n), dtype=bool)
+    follows[0, 1:4] = True
+    seen = set()
+    for seed in range(30):
+        readers, posts = build_feeds(authors, follows, 3, 1, np.random.default_rng(seed))
+        feed = authors[posts[readers == 0]]
+        assert follows[0, feed[:2]].all(), "two places for followed authors"
+        seen.add(int(feed[2]))
+    assert seen - {1, 2, 3}, "the random place reaches authors nobody followed"
+
+
+def test_follow_rules():
+    follows = np.zeros((3, 3), dtype=bool)
+    readers, authors = np.array([0, 0, 1, 2]), np.array([1, 2, 0, 1])
+    actions = np.array([Q.FOLLOW, Q.LIKE, Q.IGNORE, Q.FOLLOW])
+    effective = apply_actions(follows, readers, authors, actions)
+    assert follows.tolist() == [[False, True, False], [False, False, False], [False, True, False]]
+    assert effective.tolist() == actions.tolist()
+    again = apply_actions(follows, np.array([0]), np.array([1]), np.array([Q.FOLLOW]))
+    assert again.tolist() == [Q.LIKE], "following someone already followed is a like"
+    assert int(follows.sum()) == 2
+
+
+def test_graph_figures():
+    follows = np.zeros((4, 4), dtype=bool)
+    follows[0, 1] = follows[1, 2] = follows[2, 0] = True  # a directed triangle; user 3 alone
+    assert density(follows) == pytest.approx(3 / 12)
+    assert clustering(follows) == pytest.approx(3 / 4)  # three users with coefficient 1, one with 0
+    follows[0, 3] = True  # user 0 now has neighbours 1, 2, 3 and one link among them
+    assert clustering(follows) == pytest.approx((1 / 3 + 1 + 1 + 0) / 4)
+
+
+# -- the quality signal ------------------------------------------------------------------------------------
+def crafted_signal(corpus):
+    classifier = Q.TopicClassifier(corpus, 48)
+    return Q.QualitySignal(classifier, text_bpb=2.0, noise_bpb=6.0, distinct_ref=0.8, min_bytes=12)
+
+
+def test_topic_classifier_separates_held_out_topics(corpus):
+    classifier = Q.TopicClassifier(corpus, 48)
+    assert classifier.accuracy > 0.8
+    posterior = classifier.posterior([b"    def __init__(self, name, value=None):\n        self.name = name",
+                                      b"The import statement binds a name in the local namespace of the module."])
+    assert posterior.argmax(1).tolist() == [0, 1] and np.allclose(posterior.sum(1), 1)
+
+
+def test_spam_earns_less_than_a_fluent_on_topic_post(corpus):
+    signal = crafted_signal(corpus)
+    code = 0
+    fluent = b"        if value is None:\n            value = self.default\n"
+    repeated = b"def " * 12  # what a language model predicts best: low bits, topical n-grams
+    copy = fluent[:-4] + b"x\n"  # a near-duplicate of the fluent post
+    noise = bytes(np.random.default_rng(0).integers(32, 127, 48, dtype=np.uint8))
+    posts = [fluent, repeated, noise, b"if x:"]
+    bpb = np.array([2.0, 0.5, 7.5, 2.0])  # the base's bits/byte: repetition is the most predictable
+    quality = signal.score(posts, bpb)
+    q = quality.per_topic[:, code]
+    assert q[0] > 0.5 and q[1] < 0.1 * q[0] and q[2] == 0 and q[3] == 0, q
+    assert quality.fluency[1] == 1.0 and quality.novelty[1] == 0.0, "repetition is fluent but not novel"
+    dup = signal.score([copy], np.array([2.0]), recent=[fluent]).per_topic[0, code]
+    assert dup == 0.0, "a near-duplicate of a recent post is worth nothing"
+    rewards = Q.reader_rewards(q, np.zeros(len(q), dtype=bool))
+    assert rewards[0, Q.LIKE] > 0 > rewards[1, Q.LIKE], "liking spam costs the reader, liking good text pays"
+    assert rewards[0, Q.IGNORE] < 0 < rewards[1, Q.IGNORE], "and ignoring it is the other way round"
+    scripted = Q.scripted_actions(rewards)
+    assert scripted[0] in (Q.LIKE, Q.FOLLOW) and scripted[1] == Q.IGNORE
+    docs_reader = quality.per_topic[0, Q.TOPICS.index("docs")]
+    assert docs_reader < 0.1 * q[0], "a code post is little worth to a reader of docs"
+
+
+def test_reader_rewards_table():
+    q = np.array([0.0, 0.6, 0.9, 0.9])
+    following = np.array([False, False, False, True])
+    r = Q.reader_rewards(q, following)
+    assert np.allclose(r[:, Q.LIKE], q - Q.LIKE_BAR) and np.allclose(r[:, Q.IGNORE], Q.LIKE_BAR - q)
+    assert np.allclose(r[:3, Q.FOLLOW], 2 * (q[:3] - Q.FOLLOW_BAR)) and r[3, Q.FOLLOW] == r[3, Q.LIKE]
+    assert Q.scripted_actions(r).tolist() == [Q.IGNORE, Q.LIKE, Q.FOLLOW, Q.LIKE]
+
+
+def test_distinct_words():
+    assert Q.distinct_words([b"a b c", b"a b d"]) == pytest.approx(3 / 4)
+    assert Q.distinct_words([b"spam spam spam spam"]) == pytest.approx(1 / 3)
+
+
+# -- the env -----------------------------------------------------------------------------------------------
+def test_bad_configs_are_one_clear_error():
+    with pytest.raises(ConfigError, match="feed_random"):
+        SocialConfig(feed_size=2, feed_random=3)
+    with pytest.raises(ConfigError, match="post_bytes"):
+        SocialEnv(tiny_model(), population(tiny_model()).bank, SocialConfig(post_bytes=60, prompt_bytes=8), corpus=object())
+
+
+def test_live_and_evaluate_give_the_runner_what_it_records(corpus):
+    env, pop = make_env(corpus)
+    before = bank_tensors(pop)
+    ticks = []
+    life = env.live(pop.agents, 3, seed=1, tick=lambda: ticks.append(1))
+    assert set(life) == {"likes", "followers", "reader_reward"} and all(v.shape == (6,) for v in life.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, bank_tensors(pop))), "learning moved the adapters"
+    ev = env.evaluate(pop.agents, seed=2, tick=lambda: ticks.append(1))
+    assert len(ticks) == env.ticks(3, True) == 3 + TINY.eval_ticks
+    assert ev.fitness.shape == (6,) and np.isfinite(ev.fitness).all()
+    assert np.allclose(ev.fitness, ev.per_agent["writer_score"] + ev.per_agent["reader_score"])
+    assert sorted(ev.totals) == ["follows", "likes", "posts", "users"] and ev.totals["users"] == 6
+    for key in ("post_bpb", "topic_acc", "distinct2", "likes_per_post", "follow_density", "clustering",
+                "random_reader", "scripted_reader", "base_fitness", "base_post_bpb", "base_distinct2"):
+        assert np.isfinite(ev.references[key]), key
+    assert ev.references["scripted_reader"] >= max(ev.references["random_reader"], ev.references["reader"])
+    record = records.metrics_record(1, ev, life, None)
+    assert record["posts"] == ev.totals["posts"] and "median_writer_score" in record
+    assert env.snapshot["posts"] and "text" in env.snapshot["posts"][0]
+    text = render_text(Network([a.id for a in pop.agents], env.topics))
+    assert pop.agents[0].id in text and "follows" in text
+
+
+def test_same_seed_same_life_and_evaluation(corpus):
+    results = []
+    for _ in range(2):
+        env, pop = make_env(corpus)
+        life = env.live(pop.agents, 3, seed=5, tick=lambda: None)
+        ev = env.evaluate(pop.agents, seed=6, tick=lambda: None)
+        results.append((life, ev, bank_tensors(pop), env.snapshot))
+    (l1, e1, b1, s1), (l2, e2, b2, s2) = results
+    assert all(np.array_equal(l1[k], l2[k]) for k in l1)
+    assert np.array_equal(e1.fitness, e2.fitness) and e1.references == e2.references and s1 == s2
+    assert all(torch.equal(a, b) for a, b in zip(b1, b2))
+
+
+def test_resume_continues_bit_exact(corpus):
+    env, pop = make_env(corpus)
+    env.live(pop.agents, 2, seed=1, tick=lambda: None)
+    saved_bank, saved_env = bank_tensors(pop), env.state_tensors()
+    env.reset_slots([3])  # evolution replaced agent 3 between the cycles
+    saved_reset = env.state_tensors()
+    env.live(pop.agents, 2, seed=2, tick=lambda: None)
+    uninterrupted = bank_tensors(pop)
+
+    fresh, pop2 = make_env(corpus)
+    with torch.no_grad():
+        for p, saved in zip(pop2.bank.parameters(), saved_bank):
+            p.copy_(saved)
+    fresh.load_state_tensors(saved_env)
+    fresh.reset_slots([3])
+    assert all(torch.equal(saved_reset[k], v) for k, v in fresh.state_tensors().items())
+    fresh.live(pop2.agents, 2, seed=2, tick=lambda: None)
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, bank_tensors(pop2)))
+    assert saved_reset["adam.steps"][3] == 0 and saved_reset["baseline.writer_weight"][3] == 0
+
+
+def test_writers_decode_in_one_batched_call_per_tick(corpus, monkeypatch):
+    env, pop = make_env(corpus)
+    calls = []
+    real = generation.generate_batch
+
+    def counting(model, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr("h2q.evolve.social_env.generate_batch", counting)
+    env.live(pop.agents, 4, seed=3, tick=lambda: None)
+    assert calls == [3, 3, 3, 3], "6 agents posting every 2nd tick: one decode of 3 writers per tick"
+
+
+def test_batched_decode_of_many_adapters_equals_one_by_one():
+    model = tiny_model(torch.float64)  # float64: batch and single rows round alike, argmax ties cannot flip
+    pop = population(model, 4)
+    with torch.no_grad():
+        for B in pop.bank.lora_B:
+            B.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+        for p in pop.bank.parameters():
+            p.data = p.data.double()
+    prompts = [b"def f(x):", b"The ", b"# note", b"import os"]
+    slots = [2, 0, 3, 1]
+    batched = generation.generate_batch(model, prompts, 12, temperature=0, adapters=pop.bank.bind(torch.tensor(slots)))
+    alone = [generation.generate(model, p, 12, temperature=0, adapters=pop.bank.bind(torch.tensor([s])))
+             for p, s in zip(prompts, slots)]
+    assert batched == alone
+    assert len({tuple(o) for o in alone}) > 1, "the adapters differ, so do their posts"
