@@ -47,6 +47,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from h2q import quant, tokenizer
 from h2q.config import ModelConfig
 from h2q.errors import FileFormatError, H2QError
+from h2q.kvcache import cache_from_state
 from h2q.lora import LoraAdapter, LoraConfig
 from h2q.model import Transformer
 
@@ -162,29 +163,35 @@ def _check_readable(path: Path, what: str, missing: str | None = None) -> None:
     raise FileFormatError(f"{what} {path} is not a file; give the file itself")
 
 
-def read_metadata(path: str | Path, what: str = "checkpoint") -> dict:
-    """A safetensors file's metadata alone (its tensors are neither read nor verified)."""
+def read_metadata(path: str | Path, what: str = "checkpoint", fix: str = "restore it or retrain") -> dict:
+    """A safetensors file's metadata alone (its tensors are neither read nor verified); `fix` ends the
+    error line of an unreadable file."""
     path = Path(path)
     _check_readable(path, what)
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FileFormatError(f"{what} {path} is unreadable or corrupt ({e}); restore it or retrain") from None
+        raise FileFormatError(f"{what} {path} is unreadable or corrupt ({e}); {fix}") from None
 
 
-def read_tensors(path: str | Path, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict]:
-    """Load a safetensors file and verify its content hash (when it has one); a missing, truncated,
-    corrupt or altered file is a FileFormatError."""
+def read_tensors(path: str | Path, what: str = "checkpoint", fix: str = "restore it from a copy or retrain",
+                 require_hash: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a safetensors file and verify its content hash (when it has one; with `require_hash` a
+    file without one is refused too); a missing, truncated, corrupt or altered file is a
+    FileFormatError whose line ends in `fix`."""
     path = Path(path)
-    metadata = read_metadata(path, what)
+    metadata = read_metadata(path, what, fix)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FileFormatError(f"{what} {path} is unreadable or corrupt ({e}); restore it or retrain") from None
+        raise FileFormatError(f"{what} {path} is unreadable or corrupt ({e}); {fix}") from None
+    if require_hash and CONTENT_HASH not in metadata:
+        raise FileFormatError(f"{what} {path} carries no content hash ({CONTENT_HASH}), so it cannot be "
+                              f"verified; {fix}")
     if CONTENT_HASH in metadata and content_hash(tensors, metadata) != metadata[CONTENT_HASH]:
         raise FileFormatError(f"{what} {path} is corrupt: its content does not match the hash it was saved "
-                              f"with; restore it from a copy or retrain")
+                              f"with; {fix}")
     return tensors, metadata
 
 
@@ -435,11 +442,8 @@ def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
 
 
 # -- KV caches: a conversation's text and the cache that holds it ------------------------------------
-import hashlib  # this section's own imports, kept with it
-
-from h2q.kvcache import cache_from_state
-
 CACHE_FORMAT = "h2q-kvcache-v1"
+_CACHE_FIX = "delete it and save the conversation again"
 
 
 def adapter_fingerprint(adapters) -> str:
@@ -461,16 +465,6 @@ def _weights_identity(model: Transformer) -> str:
     return model.quant_scheme.to_json() if model.quant_scheme is not None else "float"
 
 
-def _cache_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """sha256 over every tensor (name, dtype, shape, bytes) and every other metadata entry."""
-    h = hashlib.sha256(json.dumps(sorted(metadata.items())).encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def save_cache(path: str | Path, cache, model: Transformer, text_ids=None, adapters=None,
                extra: dict | None = None) -> Path:
     """Write a KV cache (h2q/kvbase.py `state_dict`; None: the text alone, for a conversation whose
@@ -478,7 +472,8 @@ def save_cache(path: str | Path, cache, model: Transformer, text_ids=None, adapt
     (int32, the text the cache was made from, if given) and `extra.KEY` for tensor values of
     `extra`; metadata: the cache's policy, options, sizes and counters, the model's config, base
     fingerprint and weights (float or its quantization scheme), the identity of `adapters`
-    (`adapter_fingerprint`), the other `extra` values as JSON, and a checksum of it all."""
+    (`adapter_fingerprint`) and the other `extra` values as JSON; `save_tensors` adds the content hash
+    of it all, which `read_cache_file` requires."""
     if getattr(cache, "prefix", None) is not None:
         raise H2QError("this cache reads a shared prefix, which is not saved with it; save a cache of its own")
     state = cache.state_dict() if cache is not None else None
@@ -496,27 +491,21 @@ def save_cache(path: str | Path, cache, model: Transformer, text_ids=None, adapt
     metadata = {"format": CACHE_FORMAT, "cache": json.dumps(state), "config": json.dumps(model.config.to_dict()),
                 "tokenizer": tokenizer.NAME, "base_fingerprint": model.base_fingerprint(),
                 "weights": _weights_identity(model), "adapter": adapter_fingerprint(adapters), "extra": extra_json}
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    metadata["checksum"] = _cache_checksum(flat, metadata)
     path = Path(path)
-    save_tensors(path, flat, metadata)
+    save_tensors(path, tensors, metadata)
     return path
 
 
 def read_cache_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """A file of `save_cache`, checked (format, checksum, metadata, text ids) but not yet matched to a
+    """A file of `save_cache`, checked (format, content hash, metadata, text ids) but not yet matched to a
     model -> (tensors, info: cache (the state without tensors, or None), config, tokenizer,
     base_fingerprint, weights, adapter, extra (JSON values and tensors), text_ids). A session may read
     `info` first to pick the adapter or quantization the cache was made with."""
     path = Path(path)
-    tensors, metadata = read_tensors(path, "KV cache file")
-    if metadata.get("format") != CACHE_FORMAT:
+    if read_metadata(path, "KV cache file", _CACHE_FIX).get("format") != CACHE_FORMAT:
         raise FileFormatError(f"{path} is not an h2q KV cache file (no '{CACHE_FORMAT}' metadata); save one "
                               f"with checkpoint.save_cache (the REPL's /save)")
-    stored = {k: v for k, v in metadata.items() if k != "checksum"}
-    if metadata.get("checksum") != _cache_checksum(tensors, stored):
-        raise FileFormatError(f"KV cache file {path} is corrupt (its content does not match its checksum); "
-                              f"delete it and save the conversation again")
+    tensors, metadata = read_tensors(path, "KV cache file", _CACHE_FIX, require_hash=True)
     try:
         info = {k: metadata[k] for k in ("tokenizer", "base_fingerprint", "weights", "adapter")}
         info.update({k: json.loads(metadata[k]) for k in ("cache", "config", "extra")})

@@ -219,3 +219,23 @@ def test_corrupt_truncated_garbage_or_foreign_files_are_refused(saved, tmp_path)
     with pytest.raises(FileFormatError, match="not found"):
         checkpoint.load_cache(tmp_path / "missing.safetensors", model)
     assert path.read_bytes() == data  # the good file is untouched
+
+
+def test_one_content_hash_covers_metadata_and_tensors(saved, tmp_path):
+    """Cache files carry main's one content hash (no second checksum); an edited metadata value under
+    the old hash, or a file without the hash, is refused."""
+    from safetensors.torch import load_file, save_file
+
+    model, path = saved
+    meta = checkpoint.read_metadata(path)
+    assert sorted(meta) == ["adapter", "base_fingerprint", "cache", "config", checkpoint.CONTENT_HASH, "extra",
+                            "format", "tokenizer", "weights"]
+    tensors = load_file(str(path))
+    edited = tmp_path / "edited.safetensors"
+    save_file(tensors, str(edited), metadata={**meta, "adapter": "0" * 16})
+    with pytest.raises(FileFormatError, match=f"{edited} is corrupt.*save the conversation again"):
+        checkpoint.load_cache(edited, model)
+    unhashed = tmp_path / "unhashed.safetensors"
+    save_file(tensors, str(unhashed), metadata={k: v for k, v in meta.items() if k != checkpoint.CONTENT_HASH})
+    with pytest.raises(FileFormatError, match=f"{unhashed} carries no content hash"):
+        checkpoint.load_cache(unhashed, model)
