@@ -116,6 +116,22 @@ def stream_window(model, tokens: int, capacity: int, **opts) -> StreamReport:
     return StreamReport(len(sizes), min(filled), max(filled), (len(stamps) - 1) / (stamps[-1] - stamps[0]))
 
 
+@torch.inference_mode()
+def prefill_seconds(model, policy: str, ids: list[int], threads: int, max_len: int | None = None, **opts) -> float:
+    """Wall-clock of `prefill` of one long prompt into a fresh cache of `policy` (max_len default: the
+    model's context) at `threads` torch threads (restored afterwards)."""
+    weight, before = model.embed.weight, torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        cache = make_cache(policy, model.config, 1, max_len or model.config.context_len, weight.device,
+                           weight.dtype, **opts)
+        prefill(model, cache, [ids])
+        return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class PersistReport:
     tokens: int  # tokens of context fed
@@ -124,7 +140,7 @@ class PersistReport:
     file_bytes: int  # the saved file on disk, metadata and text ids included
     prefill_s: float  # median: recompute the cache from the text
     save_s: float  # median: save_cache
-    restore_s: float  # median: load_cache (read, checksum, identity checks, rebuild)
+    restore_s: float  # median: load_cache (read, content hash, identity checks, rebuild)
     exact: bool  # the restored cache's next logits equal the original's bit for bit
 
 
