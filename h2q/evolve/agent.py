@@ -6,7 +6,7 @@ batch-1 KV cache that every forward reuses (kvcache prefix sharing; the prefix i
 encoding, no adapter touches it, so one copy serves all agents and all adapter updates). Each agent's
 observation bytes (fixed width per world level, h2q/evolve/world.py) are its row of one (n_alive, obs_len) forward;
 row b runs with adapter `slots[agent b]` (the bank's per-row index, Punica-style), no Python loop
-over agents. The last position's logits, restricted to the 8 action bytes and divided by the
+over agents. The last position's logits, restricted to the world's action bytes and divided by the
 temperature, are sampled with `h2q.generate.sample_next`; temperature 0 acts greedily.
 
 Memory (`memory=K`): each agent's recent history stays in its own KV cache, so a step feeds only
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from h2q.config import check_options, option
 from h2q.errors import ConfigError, H2QError
-from h2q.evolve.world import ACTIONS, OBS_LEN, WAIT
+from h2q.evolve.world import ACTIONS, OBS_LEN
 from h2q.generate import sample_next
 from h2q.kvcache import make_cache
 from h2q.lora import AdapterBank, LoraConfig
@@ -77,14 +77,17 @@ class AgentPolicy:
     evolve's base is."""
 
     def __init__(self, model: Transformer, bank: AdapterBank, cfg: AgentConfig = AgentConfig(),
-                 prefix: bytes = PREFIX, obs_len: int = OBS_LEN, slots=None):
+                 prefix: bytes = PREFIX, obs_len: int = OBS_LEN, slots=None, actions: bytes = ACTIONS):
         self.model = model
         weight = model.embed.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.slots = torch.arange(bank.n, device=self.device) if slots is None else \
             torch.as_tensor(list(slots), device=self.device)
         self.bank, self.cfg, self.n = bank, cfg, len(self.slots)
-        self.action_ids = torch.tensor(list(ACTIONS), device=self.device)
+        # any world's action bytes (env.action_bytes); the last one is the no-op the dead take, as the
+        # grid's `Z` wait
+        self.actions, self.idle = actions, len(actions) - 1
+        self.action_ids = torch.tensor(list(actions), device=self.device)
         self.obs_len, self.step_len = obs_len, obs_len + 2  # a memory step: previous action, b"\n", observation
         self.prefix_len = len(prefix)
         self.prefix_ids = torch.tensor([list(prefix)], device=self.device)  # (1, P)
@@ -103,7 +106,7 @@ class AgentPolicy:
     # ---- one forward for many rows ---------------------------------------------------------------
     def action_logits(self, ids: torch.Tensor, agents, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Context bytes after the prefix, (B, T) ids left-padded with PAD where `valid` (B, T) is
-        False, for agents `agents` (B,) -> raw logits of the 8 action bytes at the last position, (B, 8).
+        False, for agents `agents` (B,) -> raw logits of the action bytes at the last position, (B, A).
         Differentiable in the bank's tensors."""
         B, T = ids.shape
         cache = make_cache("full", self.model.config, B, T, self.device, self.dtype, prefix=self.prefix_cache)
@@ -123,7 +126,7 @@ class AgentPolicy:
         self.t = 0
         self.inputs: list[np.ndarray] = []  # per step, what the memory cache was fed, (n, w) each
         self.ctx_start = 0  # first step whose input is in the memory context
-        self.prev_action = np.full(self.n, ACTIONS[WAIT], dtype=np.uint8)
+        self.prev_action = np.full(self.n, self.actions[self.idle], dtype=np.uint8)
         self.last_context = np.full((self.n, self.context_width), PAD, dtype=np.int64)
         self.last_logprob = np.full(self.n, np.nan)
         self.memory_cache = None
@@ -131,9 +134,9 @@ class AgentPolicy:
             self.memory_cache = self._new_memory_cache()
 
     def act(self, obs: np.ndarray, alive: np.ndarray) -> np.ndarray:
-        """(n, obs_len) observations, (n,) alive mask -> (n,) action indices (WAIT for the dead)."""
+        """(n, obs_len) observations, (n,) alive mask -> (n,) action indices (the no-op for the dead)."""
         rows = np.flatnonzero(alive)
-        actions = np.full(self.n, WAIT, dtype=np.int64)
+        actions = np.full(self.n, self.idle, dtype=np.int64)
         self.last_logprob = np.full(self.n, np.nan)
         with torch.no_grad():
             if self.cfg.memory:
@@ -149,7 +152,7 @@ class AgentPolicy:
                 logprob = logprob.masked_fill(broken, float("nan"))  # nothing to learn from those rows
                 actions[rows] = chosen.cpu().numpy()
                 self.last_logprob[rows] = 0.0 if self.cfg.temperature == 0 else logprob.cpu().numpy()
-        self.prev_action = np.frombuffer(ACTIONS, dtype=np.uint8)[actions]
+        self.prev_action = np.frombuffer(self.actions, dtype=np.uint8)[actions]
         self.t += 1
         return actions
 
@@ -168,7 +171,7 @@ class AgentPolicy:
                           prefix=self.prefix_cache)
 
     def _memory_step(self, obs: np.ndarray, alive: np.ndarray) -> torch.Tensor:
-        """Feed this step's bytes to every row's memory cache -> raw action logits (n, 8)."""
+        """Feed this step's bytes to every row's memory cache -> raw action logits (n, A)."""
         K, cache = self.cfg.memory, self.memory_cache
         step_input = obs if self.t == 0 else np.concatenate(
             [self.prev_action[:, None], np.full((self.n, 1), ord("\n"), dtype=np.uint8), obs], axis=1)
