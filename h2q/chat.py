@@ -113,11 +113,14 @@ COMMANDS = {  # name -> (argument, what it does)
     "/max": ("N", "bytes per reply at most"),
     "/seed": ("N", "restart the random stream from seed N"),
     "/adapter": ("AGENT_ID|SLOT|PATH|none", "LoRA adapter: an evolve agent, a folder, or none"),
+    "/task": ("NAME|auto", "with --specialists: the specialist that answers, or auto (routed by bits/byte)"),
     "/observe": ("[TEXT]", ("agent adapters: feed an observation (default: a fresh one of the agent's world) "
                             "and show the action distribution")),
     "/quant": ("none|int8|int4", "weights: float, or quantized from the kept float weights"),
     "/kv": ("full|int8|int4|window|h2o", "KV-cache policy"),
     "/reset": ("", "start a new conversation"),
+    "/save": ("NAME", "save the conversation and its KV cache to NAME (.safetensors added when it has no suffix)"),
+    "/load": ("NAME", "continue a conversation saved by /save, with the weights and adapter it was saved with"),
     "/stats": ("", "speed of the last reply, model and KV memory, adapter, threads"),
     "/help": ("", "this list"),
     "/quit": ("", "leave (Ctrl-D works too)"),
@@ -220,6 +223,23 @@ class Repl:
             self.say(f"adapter {s.adapter_text()}")
             if arg:
                 self.agent_notice()
+        elif name == "/task":
+            if arg:
+                s.set_task(arg)
+            elif s.router is None:
+                s.set_task("auto")  # says that there are no specialists
+            self.say(f"task {cfg.task} (specialists: {', '.join(s.router.tasks)})")
+        elif name in ("/save", "/load"):
+            if not arg:
+                raise ValueError(f"{name} needs a NAME")
+            path = conversation_path(arg)
+            if name == "/save":
+                chat.save(path)
+                self.say(f"[saved {len(chat.tokens)} bytes of text and the {chat.policy} KV cache to {path}]")
+            else:
+                chat.restore(path)
+                self.probe = None
+                self.say(f"[loaded {path}: {self.restored_text()}]")
         elif name == "/observe":
             self.observe(arg)
         elif name == "/quant":
@@ -275,6 +295,12 @@ class Repl:
             line += f"; the run's agents also remember {probe.memory} past lines, left out here"
         self.say(line)
 
+    def restored_text(self) -> str:
+        s, chat = self.session, self.chat
+        cached = f"{chat.cached} of them in the {chat.policy} cache" if chat.cache is not None else \
+            f"the {chat.policy} cache rebuilt at the next reply"
+        return f"{len(chat.tokens)} bytes of text, {cached}; weights {s.weights_label()}; adapter {s.adapter_text()}"
+
     def stats(self) -> None:
         s, chat, cfg, last = self.session, self.chat, self.session.cfg, self.chat.last
         if last is None:
@@ -316,8 +342,16 @@ class Repl:
         self.out.flush()
 
 
+def conversation_path(name: str) -> Path:
+    """/save and /load's NAME as a file: NAME itself, with .safetensors added when it has no suffix."""
+    path = Path(name).expanduser()
+    return path if path.suffix else path.with_name(path.name + ".safetensors")
+
+
 def repl(session: Session, out=None) -> int:
-    """Read lines until /quit or EOF: /commands change settings, other lines are turns."""
+    """Read lines until /quit or EOF: /commands change settings, other lines are turns. With
+    --session FILE, the conversation in FILE is continued (when FILE exists) and FILE is rewritten
+    after every reply."""
     out = out or sys.stdout
     try:
         import readline  # noqa: F401  (line editing and history for input(), where available)
@@ -325,7 +359,12 @@ def repl(session: Session, out=None) -> int:
         pass
     sys.stdin.reconfigure(errors="surrogateescape")
     r = Repl(session, out)
+    keep = Path(session.cfg.session) if session.cfg.session else None
+    if keep is not None and keep.exists():
+        r.chat.restore(keep)  # a file that cannot be continued is a one-line error before anything starts
     r.banner()
+    if keep is not None:
+        r.say(f"[session {keep}: " + (r.restored_text() if keep.exists() else "new, saved after every reply") + "]")
     while True:
         try:
             line = input(PROMPT)
@@ -341,6 +380,8 @@ def repl(session: Session, out=None) -> int:
                     return 0
             else:
                 r.turn(line)
+                if keep is not None:
+                    r.chat.save(keep)
         except KeyboardInterrupt:
             r.say("[cancelled]")
         except H2QError as e:  # e.g. an adapter whose outputs are NaN: the session goes on

@@ -5,7 +5,9 @@ stderr, on a line of their own, with the seed used (a fresh one when none was gi
 can be had again with `--seed`. `--interactive` opens the REPL and `--mode demo` a guided tour (both
 in h2q/chat.py). Every mode runs over an h2q.session `Session` (weights, quantization, adapter, torch
 thread count) made from the flags (`InferConfig`, shown in --help by its groups); one-shot calls
-h2q.generate.generate with a fresh cache, the REPL keeps a `Conversation` and its cache.
+h2q.generate.generate with a fresh cache, the REPL keeps a `Conversation` and its cache. With
+`--specialists DIR` the prompt is routed first (h2q/router.py) and the decision goes to stderr,
+before the text.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import time
 
 from h2q.chat import demo, repl
 from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, run_main
-from h2q.errors import H2QError
+from h2q.errors import ConfigError, H2QError
 from h2q.evolve import records
 from h2q.generate import generate, stream_to
 from h2q.session import OPTION_GROUPS, InferConfig, Session, fresh_seed
@@ -29,6 +31,9 @@ EXAMPLES = """examples:
   python infer.py --mode demo                        a guided tour: text, quantization, KV caches, agents
   python infer.py --prompt - --quant int4 --kv h2o   stdin as the prompt, int4 weights, an evicting KV cache
   python infer.py --prompt "x" --threads 1           one torch thread, not measured
+  python infer.py --interactive --session chat.safetensors   continue a saved conversation (/save NAME, /load NAME)
+  python infer.py --specialists specialists --prompt "import "   routed to the specialist with the lowest bits/byte
+  python infer.py --interactive --specialists specialists --task legal   one specialist answers (/task NAME|auto)
 """
 
 
@@ -54,10 +59,15 @@ def one_shot(session: Session, out=None, err=None) -> list[int]:
     seed = cfg.seed if cfg.seed is not None else fresh_seed()
     prompt = read_prompt(cfg.prompt)
     session.threads.check()
+    decision = session.route(list(prompt))
+    if decision is not None:
+        err.write(decision.describe() + "\n")
+        err.flush()
+    adapters = session.adapters_for(decision.tasks[0] if decision is not None else None)
     streamer = stream_to(out)
     start = time.perf_counter()
     ids = generate(session.model, prompt, cfg.max_new_tokens, on_token=streamer, seed=seed, cache_policy=cfg.kv,
-                   adapters=session.adapter, compile=session.compiled, **cfg.sampling())
+                   adapters=adapters, compile=session.compiled, **cfg.sampling())
     seconds = time.perf_counter() - start
     streamer.close()
     out.flush()
@@ -84,6 +94,8 @@ def main(argv=None) -> int:
     if cfg.mode == "demo":
         return demo(cfg)
     if cfg.prompt is not None and not cfg.interactive and cfg.mode == "auto":
+        if cfg.session is not None:
+            raise ConfigError("session", "keeps a REPL conversation; add --interactive (one-shot keeps nothing)")
         one_shot(Session(cfg, records.resolve_adapter))
         return 0
     return repl(Session(cfg, records.resolve_adapter))

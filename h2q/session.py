@@ -21,7 +21,12 @@ mode and h2q/chat.py's REPL and demo share.
   (full/int8/int4) has no room for the next turn plus a reply, the oldest turns are dropped and the
   rest is re-read, said once; the evicting policies (window, h2o) stream on. New weights (/quant,
   /adapter), a new policy, a Ctrl-C in mid-forward or a library error make the next reply rebuild the
-  cache from the text.
+  cache from the text. With specialists (`--specialists DIR`, h2q/router.py) each reply is first
+  routed on the text so far, or goes to `--task NAME`; a reply by another specialist than the one
+  whose keys and values the cache holds rebuilds it. `save(path)` / `restore(path)` keep the
+  conversation in one file (h2q.checkpoint.save_cache: the text, the cache, and where the conversation
+  stands, random stream included), so a restored conversation's next logits, and with the same
+  settings its next reply, are the uninterrupted one's.
 """
 from __future__ import annotations
 
@@ -34,17 +39,21 @@ from pathlib import Path
 
 import torch
 
-from h2q.checkpoint import load_adapter, load_model
+from h2q.checkpoint import load_adapter, load_cache, load_model, read_cache_file, save_cache
 from h2q.config import check_options, option
-from h2q.errors import H2QError
+from h2q.errors import ConfigError, FileFormatError, H2QError
 from h2q.generate import check_sampling, compiled_decoder, decode
 from h2q.kvcache import make_cache, policies, prefill
 from h2q.lora import count_bytes
 from h2q.perf import ThreadPolicy, probe_seconds, resolve_device
 from h2q.quant import describe, model_bytes, quant_scheme, quantize
+from h2q.router import Decision, Router
 from h2q.tokenizer import EOT, encode
 
 QUANT_MODES = ("none", "int8", "int4")
+CONVERSATION_FORMAT = "h2q-conversation-v1"  # Conversation.save's `extra`, beside the cache file's own format
+CONVERSATION_KEYS = {"format", "cached", "turns", "seed", "generator", "policy", "max_len", "quant", "group_size",
+                     "task", "adapter", "specialists"}
 NEWLINE = 10
 STOP = [NEWLINE, NEWLINE]  # a blank line ends a reply
 
@@ -57,6 +66,10 @@ class ModelOptions:
     run: str | None = option(None, "evolve run folder for agent ids; none = the newest under checkpoints/evolve")
     quant: str = option("none", "weight quantization applied after loading", choices=list(QUANT_MODES))
     group_size: int = option(64, "int4 group size", choices=[32, 64, 128])
+    specialists: str | None = option(None, "folder of LoRA specialists, one adapter folder per task named by it "
+                                           "(h2q/router.py); each reply is routed to one of them")
+    task: str = option("auto", "with --specialists: the task whose specialist answers, or auto (the one with the "
+                               "lowest bits/byte on the text so far)")
 
 
 @dataclass
@@ -67,6 +80,8 @@ class GenerationOptions:
                       choices=["auto", "chat", "demo"])
     max_new_tokens: int = option(200, "bytes to generate at most (per reply in the REPL)", at_least=1)
     kv: str = option("full", "KV-cache policy", choices=list(policies()))
+    session: str | None = option(None, "REPL: resume the conversation saved in FILE (/save writes one) if it "
+                                       "exists, and save it there after every reply")
 
 
 @dataclass
@@ -141,8 +156,9 @@ quick_probe = functools.partial(probe_seconds, repeats=1)
 
 
 class Session:
-    """Float weights loaded once; the variant in use (`model`), derived from them; the adapter; the
-    torch thread count (`threads`, an h2q.perf.ThreadPolicy: check it before each generation)."""
+    """Float weights loaded once; the variant in use (`model`), derived from them; the adapter, or the
+    specialists (`router`) and the task that answers; the torch thread count (`threads`, an
+    h2q.perf.ThreadPolicy: check it before each generation)."""
 
     def __init__(self, cfg: InferConfig, resolve=adapter_folder, threads: ThreadPolicy | None = None):
         self.cfg, self.resolve = cfg, resolve  # resolve(spec, run) -> (adapter folder, label) or None
@@ -152,8 +168,14 @@ class Session:
         self.model = self.float_model
         self.quantized = {}  # (mode, group size) -> a copy quantized from the float weights, made once
         self.adapter, self.adapter_label, self.adapter_dir = None, "none", None
+        self.router: Router | None = None
         self.set_quant(cfg.quant)
         self.set_adapter(cfg.adapter)
+        if cfg.specialists is not None:
+            if self.adapter is not None:
+                raise ConfigError("specialists", "and --adapter exclude each other: the specialists are the adapters")
+            self.router = Router.from_folder(cfg.specialists, self.float_model, self.device)
+            self.set_task(cfg.task)
 
     @property
     def config(self):
@@ -186,6 +208,9 @@ class Session:
         self.cfg.quant = mode
 
     def set_adapter(self, spec: str) -> None:
+        if self.router is not None:
+            raise H2QError(f"the specialists of {self.cfg.specialists} answer here: /task NAME picks one "
+                           f"({', '.join(self.router.tasks)}), /task auto routes")
         found = self.resolve(spec, self.cfg.run)
         if found is None:
             self.adapter, self.adapter_label, self.adapter_dir = None, "none", None
@@ -193,11 +218,32 @@ class Session:
             adapter = load_adapter(found[0], self.float_model, self.device).eval()
             self.adapter, self.adapter_label, self.adapter_dir = adapter, found[1], Path(found[0])
 
+    def set_task(self, task: str) -> None:
+        if self.router is None:
+            raise H2QError("no specialists are loaded; start infer.py with --specialists DIR")
+        if task != "auto" and task not in self.router.tasks:
+            raise H2QError(f"no specialist {task!r} in {self.cfg.specialists}; choose one of "
+                           f"{', '.join(self.router.tasks)}, or auto")
+        self.cfg.task = task
+
+    def route(self, ids: list[int]) -> Decision | None:
+        """Which specialist answers a text `ids` (None without specialists)."""
+        if self.router is None:
+            return None
+        return self.router.route(ids, None if self.cfg.task == "auto" else self.cfg.task)
+
+    def adapters_for(self, task: str | None):
+        """What a forward runs with: `task`'s specialist, or (task None) the session's adapter."""
+        return self.adapter if task is None else self.router.adapters(task)
+
     def weights_label(self) -> str:
         compiled = ", decode compiled" if self.compiled else ""
         return f"{describe(self.model)}, {model_bytes(self.model) / 1e6:.2f} MB{compiled}"
 
     def adapter_text(self) -> str:
+        if self.router is not None:
+            return (f"specialists {self.cfg.specialists} ({', '.join(self.router.tasks)}), task {self.cfg.task}, "
+                    f"rank {self.router.bank.config.r}")
         if self.adapter is None:
             return "none"
         return f"{self.adapter_label}, rank {self.adapter.config.r}, {count_bytes(self.adapter) / 1e6:.3f} MB"
@@ -211,6 +257,7 @@ class Reply:
     prefill_s: float
     decode_s: float
     ended: str  # blank line | max | end of text | context full | stopped
+    route: Decision | None = None  # which specialist answered (with --specialists)
 
     @property
     def bytes_per_s(self) -> float:
@@ -237,6 +284,7 @@ class Conversation:
     def invalidate(self) -> None:
         """Forget the cache (new weights, new policy, or a forward cut short); the text stays."""
         self.cache, self.cached = None, 0  # tokens[:cached] are in the cache
+        self.cache_task: str | None = None  # the specialist whose keys and values the cache holds
 
     def set_policy(self, policy: str) -> None:
         if policy not in policies():
@@ -302,32 +350,40 @@ class Conversation:
             self.turns.append(len(self.tokens) + max(0, len(turn) - len(text) - newline))
         self.tokens += turn
         new, ended, prefill_s, start = [], "stopped", 0.0, time.perf_counter()
-        pending = []
+        pending, decision = [], None
         try:
             with torch.inference_mode():
+                decision = session.route(self.tokens)
+                task = decision.tasks[0] if decision is not None else None
+                if decision is not None:
+                    say(decision.describe())
+                if task != self.cache_task:  # another specialist: its keys and values differ
+                    self.invalidate()
                 if self.cache is None:
                     weight = session.float_model.embed.weight
                     self.cache = make_cache(self.policy, session.config, 1, self.max_len, session.device, weight.dtype)
                     self.cached = max(0, len(self.tokens) - self.max_len) if self.evicts else 0
+                    self.cache_task = task
+                adapters = session.adapters_for(task)
                 pending = self.tokens[self.cached:]
-                logits = prefill(session.model, self.cache, [pending], session.adapter)  # (1, V)
+                logits = prefill(session.model, self.cache, [pending], adapters)  # (1, V)
                 self.cached = len(self.tokens)
                 prefill_s = time.perf_counter() - start
                 start = time.perf_counter()
-                ended = self._decode(logits, new, on_token, sampling)
+                ended = self._decode(logits, new, on_token, sampling, adapters)
         except KeyboardInterrupt:
             self.invalidate()  # a forward may have stopped halfway through the layers
         except H2QError:
             self.invalidate()
             raise
-        self.last = Reply(new, len(pending), prefill_s, time.perf_counter() - start, ended)
+        self.last = Reply(new, len(pending), prefill_s, time.perf_counter() - start, ended, decision)
         return self.last
 
-    def _decode(self, logits, new: list[int], on_token, sampling: dict) -> str:
+    def _decode(self, logits, new: list[int], on_token, sampling: dict, adapters) -> str:
         """Sample until the reply ends; each byte joins the text, and the cache when the loop asks
         for the next one (so a reply's last byte waits in the text for the next prefill)."""
         session, max_new = self.session, self.session.cfg.max_new_tokens
-        for tokens in decode(session.decoder, self.cache, logits, adapters=session.adapter,
+        for tokens in decode(session.decoder, self.cache, logits, adapters=adapters,
                              history=[self.tokens], generator=self.generator, **sampling):
             token = int(tokens)
             self.tokens.append(token)
@@ -342,3 +398,54 @@ class Conversation:
             if not self.evicts and self.cached >= self.max_len:
                 return "context full"
             self.cached += 1  # resuming the loop feeds `token` through the cache
+
+    # -- saving and restoring (h2q.checkpoint's cache files) ---------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """The conversation as one file (h2q.checkpoint.save_cache): its text, its cache (or none,
+        when it is to be rebuilt), and in `extra` where it stands (cached, turns, the random stream)
+        and what it was made with (weights, adapter or specialist, KV policy)."""
+        s = self.session
+        extra = {"format": CONVERSATION_FORMAT, "cached": self.cached, "turns": self.turns, "seed": self.seed,
+                 "generator": self.generator.get_state(), "policy": self.policy, "max_len": self.max_len,
+                 "quant": s.cfg.quant, "group_size": s.cfg.group_size, "task": self.cache_task,
+                 "adapter": str(s.adapter_dir) if s.adapter_dir is not None else "none",
+                 "specialists": s.cfg.specialists}
+        try:
+            return save_cache(path, self.cache, s.model, text_ids=self.tokens,
+                              adapters=s.adapters_for(self.cache_task), extra=extra)
+        except OSError as e:
+            raise H2QError(f"cannot write {path} ({e.strerror or e}); give a path in a writable folder") from None
+
+    def restore(self, path: str | Path) -> None:
+        """Continue the conversation saved in `path`: the session first takes the weights and the
+        adapter it was saved with, then the cache is checked against them (h2q.checkpoint.load_cache),
+        so the next logits are the uninterrupted conversation's. Any failure changes nothing."""
+        s, path = self.session, Path(path)
+        extra = read_cache_file(path)[1]["extra"]
+        if extra.get("format") != CONVERSATION_FORMAT or not CONVERSATION_KEYS <= extra.keys():
+            raise FileFormatError(f"{path} is a KV cache file but not a conversation saved by infer.py (/save)")
+        kept = (s.model, s.cfg.quant, s.cfg.group_size, s.adapter, s.adapter_label, s.adapter_dir)
+        try:
+            if extra["specialists"] != s.cfg.specialists:
+                raise H2QError(f"{path} was saved with --specialists {extra['specialists']}, this session has "
+                               f"{s.cfg.specialists}; start infer.py with the same")
+            s.cfg.group_size = extra["group_size"]
+            s.set_quant(extra["quant"])
+            if s.router is None:
+                s.set_adapter(extra["adapter"])
+            cache, ids, meta = load_cache(path, s.model, s.adapters_for(extra["task"]), s.device)
+            policy_fits = extra["policy"] in policies() and (cache is None or meta["policy"] == extra["policy"])
+            if not 0 <= extra["cached"] <= len(ids) or not policy_fits:
+                raise FileFormatError(f"{path} holds a conversation whose cache does not match its text; save it again")
+            generator = torch.Generator(s.device)
+            generator.set_state(extra["generator"])
+        except (H2QError, TypeError, ValueError, KeyError, RuntimeError) as e:
+            s.model, s.cfg.quant, s.cfg.group_size, s.adapter, s.adapter_label, s.adapter_dir = kept
+            if isinstance(e, H2QError):
+                raise
+            raise FileFormatError(f"{path} holds unreadable conversation settings ({e}); save it again") from None
+        self.set_policy(extra["policy"])
+        self.max_len, self.tokens, self.turns = extra["max_len"], ids, list(extra["turns"])
+        self.cache, self.cached = cache, extra["cached"] if cache is not None else 0
+        self.cache_task = extra["task"] if cache is not None else None
+        self.seed, self.generator, self.last = extra["seed"], generator, None
