@@ -86,16 +86,16 @@ class GenerationOptions:
 
 @dataclass
 class SamplingOptions:
-    """The sampler's settings (h2q.generate.sample_next); the defaults of min_p and repeat_penalty are
-    the choice of scripts/sweep_sampling.py (the README has its table)."""
+    """The sampler's settings (h2q.generate.sample_next); the defaults are the choice of
+    scripts/sweep_sampling.py (the README has its table and when it was measured)."""
     temperature: float = option(0.8, "sampling temperature (0 = greedy)", at_least=0, at_most=100)
     top_k: int = option(0, "keep the k most likely bytes (0 = off)", at_least=0)
     top_p: float = option(0.95, "nucleus sampling mass (1 = off)", above=0, at_most=1)
-    min_p: float = option(0.0, "drop bytes less likely than MIN_P times the likeliest (0 = off)", at_least=0,
+    min_p: float = option(0.05, "drop bytes less likely than MIN_P times the likeliest (0 = off)", at_least=0,
                           at_most=1)
-    repeat_penalty: float = option(1.0, "llama.cpp's repetition penalty on the bytes of the last --repeat-last-n "
+    repeat_penalty: float = option(1.3, "llama.cpp's repetition penalty on the bytes of the last --repeat-last-n "
                                         "(1 = off)", above=0, at_most=10)
-    repeat_last_n: int = option(64, "bytes the repetition penalty looks back over (0 = off, -1 = all the text)",
+    repeat_last_n: int = option(16, "bytes the repetition penalty looks back over (0 = off, -1 = all the text)",
                                 at_least=-1)
     seed: int | None = option(None, "random seed, the same seed gives the same text; none = a fresh one, "
                                     "printed so that it can be given again", at_least=0, below=2**63)
