@@ -353,3 +353,6 @@ def test_threads_are_measured_when_not_given(tmp_path, monkeypatch, capsys):
         torch.set_num_threads(1)
     assert "threads 1 of 2 (measured)" in capsys.readouterr().out
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["threads"] == 1
+    agents = json.loads((tmp_path / "population.json").read_text())["agents"]
+    assert all(set(a["scores"]) == {"pct_oracle", "normalised"} and len(a["scores"]["pct_oracle"]) == 1
+               for a in agents)  # what the report's agent table shows

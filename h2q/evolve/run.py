@@ -292,7 +292,7 @@ class Runner:
         life = {k: self._gather(v) for k, v in life.items()}
         record, replaced = None, []
         if self.lead:
-            pop.record_fitness(ev.fitness)
+            pop.record_fitness(ev.fitness, ev.per_agent)
             records.save_cycle(self.out, c, pop, self.model)
             for name, content in ev.files.items():
                 checkpoint.atomic_write_json(records.cycle_dir(self.out, c) / name, content)
