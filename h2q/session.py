@@ -131,6 +131,10 @@ class InferConfig(RunOptions, SamplingOptions, GenerationOptions, ModelOptions):
                     repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n)
 
 
+def resolved_folder(folder: str | None) -> Path | None:
+    return Path(folder).resolve() if folder is not None else None
+
+
 def fresh_seed() -> int:
     """A random seed for a run given none (31 bits: short to retype)."""
     return int.from_bytes(os.urandom(4), "little") >> 1
@@ -171,6 +175,8 @@ class Session:
         self.router: Router | None = None
         self.set_quant(cfg.quant)
         self.set_adapter(cfg.adapter)
+        if cfg.specialists is None and cfg.task != "auto":
+            raise ConfigError("task", f"{cfg.task!r} names a specialist: give --specialists DIR as well")
         if cfg.specialists is not None:
             if self.adapter is not None:
                 raise ConfigError("specialists", "and --adapter exclude each other: the specialists are the adapters")
@@ -426,7 +432,7 @@ class Conversation:
             raise FileFormatError(f"{path} is a KV cache file but not a conversation saved by infer.py (/save)")
         kept = (s.model, s.cfg.quant, s.cfg.group_size, s.adapter, s.adapter_label, s.adapter_dir)
         try:
-            if extra["specialists"] != s.cfg.specialists:
+            if resolved_folder(extra["specialists"]) != resolved_folder(s.cfg.specialists):
                 raise H2QError(f"{path} was saved with --specialists {extra['specialists']}, this session has "
                                f"{s.cfg.specialists}; start infer.py with the same")
             s.cfg.group_size = extra["group_size"]

@@ -167,6 +167,7 @@ def test_one_shot_routes_and_says_so_on_stderr(folder, capsys):
     for extra, message in ((["--specialists", str(folder / "specialists"), "--adapter", str(folder / "adapter")],
                             "error: --specialists and --adapter exclude each other"),
                            (["--session", "x.safetensors"], "error: --session keeps a REPL conversation"),
+                           (["--task", "beta"], "error: --task 'beta' names a specialist: give --specialists DIR"),
                            (["--specialists", str(folder / "adapter")], "holds no adapter folders")):
         assert run_main(infer.main, base + extra) == 2
         got = capsys.readouterr()
