@@ -67,21 +67,22 @@ class ModelOptions:
     quant: str = option("none", "weight quantization applied after loading", choices=list(QUANT_MODES))
     group_size: int = option(64, "int4 group size", choices=[32, 64, 128])
     specialists: str | None = option(None, "folder of LoRA specialists, one adapter folder per task named by it "
-                                           "(h2q/router.py); each reply is routed to one of them")
+                                           "(h2q/router.py); each reply is routed to one of them", metavar="DIR")
     task: str = option("auto", "with --specialists: the task whose specialist answers, or auto (the one with the "
-                               "lowest bits/byte on the text so far)")
+                               "lowest bits/byte on the text so far)", metavar="NAME")
 
 
 @dataclass
 class GenerationOptions:
-    prompt: str | None = option(None, "one-shot: continue TEXT ('-' reads stdin); stdout gets only the new text")
+    prompt: str | None = option(None, "one-shot: continue TEXT ('-' reads stdin); stdout gets only the new text",
+                                metavar="TEXT")
     interactive: bool = option(False, "open the chat REPL")
     mode: str = option("auto", "auto: one-shot with --prompt, else the REPL; demo: a scripted tour",
                       choices=["auto", "chat", "demo"])
     max_new_tokens: int = option(200, "bytes to generate at most (per reply in the REPL)", at_least=1)
     kv: str = option("full", "KV-cache policy", choices=list(policies()))
     session: str | None = option(None, "REPL: resume the conversation saved in FILE (/save writes one) if it "
-                                       "exists, and save it there after every reply")
+                                       "exists, and save it there after every reply", metavar="FILE")
 
 
 @dataclass
