@@ -576,7 +576,8 @@ def run_summary(run: Run, interrupted: bool, final: dict | None) -> dict:
     return {"out": str(run.out), "interrupted": interrupted, "steps": run.step, "max_steps": run.max_steps,
             "tokens_seen": run.tokens_seen, "elapsed_s": round(run.elapsed, 2), "world_size": run.world_size,
             "params": run.model.num_params(), "model_config": run.model.config.to_dict(),
-            "train_config": asdict(run.cfg), "device": str(run.device), "final": final}
+            "train_config": asdict(run.cfg), "device": str(run.device),
+            "autocast_dtype": str(run.dtype).removeprefix("torch."), "final": final}
 
 
 # -- the output folder and resume (see the module docstring) ------------------------------------------

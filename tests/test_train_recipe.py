@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import tiny_config
 
 from h2q.config import PRESETS
 from h2q.errors import ConfigError
 from h2q.model import Transformer
 from h2q.optim import Optimizers
 from h2q.train import TimeBudget, TrainConfig, choose_dtype, lr_factor, make_optimizer, train
-from test_train import tiny_config
 
 CPU = torch.device("cpu")
 
@@ -133,7 +133,7 @@ def test_budget_reserves_the_final_evaluation_and_save():
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_resume_is_exact_with_each_optimizer_and_bf16(text_dir, tmp_path, optimizer):
     """12 steps straight == 6, Ctrl-C, --resume, 6 more (bf16 autocast, the dtype kept by the state)."""
-    kw = dict(steps=12, eval_every=6, save_every=6, optimizer=optimizer, dtype="bfloat16")
+    kw = {"steps": 12, "eval_every": 6, "save_every": 6, "optimizer": optimizer, "dtype": "bfloat16"}
     straight, resumed = [], []
     train(tiny_config(text_dir, tmp_path / "a", **kw), on_step=lambda s, loss: straight.append(loss))
 
