@@ -144,12 +144,12 @@ class TimeBudget:
     stop, so that the last step, the final evaluation and the final save end inside the budget.
 
     The budget counts from `started` (the process start, for the CLI), so start-up, probes and
-    evaluations are part of it. A step's cost is the longest of the last few iterations less the
-    evaluations and saves inside them; the final evaluation and save are reserved at what the last
-    ones took (an estimate from the step time until one has run). `spent` is the time a resumed
-    run had used before."""
+    evaluations are part of it. A step's cost is the median of the last few iterations less the
+    evaluations and saves inside them (one stalled iteration on a busy machine does not move it);
+    the final evaluation and save are reserved at what the last ones took (estimated from the step
+    time until one has run). `spent` is the time a resumed run had used before."""
 
-    RECENT = 5  # iterations whose longest is the step estimate
+    RECENT = 5  # iterations whose median is the step estimate
 
     def __init__(self, seconds: float, started: float, clock=time.monotonic, spent: float = 0.0):
         self.seconds, self.clock = seconds, clock
@@ -163,10 +163,13 @@ class TimeBudget:
     def elapsed(self) -> float:
         return self.clock() - self.origin
 
+    def step_s(self) -> float:
+        return statistics.median(self.recent) if self.recent else 0.0
+
     def reserve(self, eval_batches: int) -> float:
         """Seconds kept for the final evaluation and save."""
-        step = max(self.recent, default=0.0)
-        eval_s = self.eval_s if self.eval_s is not None else eval_batches * step / 2  # a forward is ~1/3 of a step
+        step = self.step_s()
+        eval_s = self.eval_s if self.eval_s is not None else eval_batches * step / 3  # a forward: ~1/3 of a step
         return eval_s + (self.save_s if self.save_s is not None else step)
 
     def fraction(self, eval_batches: int) -> float:
@@ -182,8 +185,7 @@ class TimeBudget:
 
     def out_of_time(self, eval_batches: int) -> bool:
         """True when one more step would not leave the final evaluation and save inside the budget."""
-        step = max(self.recent, default=0.0)
-        return self.elapsed() + step + self.reserve(eval_batches) >= self.seconds
+        return self.elapsed() + self.step_s() + self.reserve(eval_batches) >= self.seconds
 
     def timed(self, kind: str, work):
         """Run `work()` (an evaluation or a save), record how long it took, return its result."""

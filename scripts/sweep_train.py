@@ -4,6 +4,11 @@ scripts/side_by_side.py and scored on its held-out last 10%. Prints the table of
 
     python scripts/sweep_train.py --sweep optimizer --sweep lr     # run two sweeps, then print the table
     python scripts/sweep_train.py                                  # print the table of the recorded runs
+    python scripts/sweep_train.py --step-times                     # why bf16 autocast keeps attention fp32
+
+`--step-times` times, on one thread and interleaved, a `mini` training step (forward, backward) in fp32
+and under bf16 autocast (as train.py runs it: attention in fp32, h2q/model.py), and the causal
+attention alone (forward and backward) on bf16 and on fp32 tensors of the same shapes.
 
 How a sweep runs: the variants of one sweep start together as subprocesses with one thread each, so
 that what else the machine runs hits them alike; each differs from train.py's defaults by the flags
@@ -20,11 +25,13 @@ next to new ones (a record's "source" says where it came from).
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import side_by_side as sbs
 
@@ -47,7 +54,7 @@ import sys, time
 from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, run_main
 from h2q.train import TrainConfig, process_started, train
 
-def main():
+def main(argv=None):
     clock = {"cpu": time.process_time, "wall": time.monotonic}[sys.argv[1]]
     parser = Parser(prog="train.py")
     add_dataclass_flags(parser, TrainConfig)
@@ -104,6 +111,45 @@ def print_table(records: Path) -> None:
               f"| {r['steps']:,} | {r['bytes_seen'] / 1e6:.2f}M | {r['nats_per_byte']:.3f} | {load} | {r['source']} |")
 
 
+def step_times(batch: int, block: int, rounds: int = 5) -> None:
+    """Median seconds (thread CPU time) of interleaved training steps and attention passes."""
+    import torch
+    import torch.nn.functional as F
+
+    from h2q.config import PRESETS
+    from h2q.model import Transformer
+    from h2q.train import autocast_for
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["mini"])
+    cfg = model.config
+    x = torch.randint(0, cfg.vocab_size, (batch, block))
+    qkv = {d: [torch.randn(batch, cfg.n_head, block, cfg.head_dim, dtype=d, requires_grad=True) for _ in range(3)]
+           for d in (torch.float32, torch.bfloat16)}
+
+    def train_step(dtype):
+        with autocast_for(torch.device("cpu"), dtype):
+            loss = F.cross_entropy(model(x).float().flatten(0, 1), x.flatten())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def attention(dtype):
+        F.scaled_dot_product_attention(*qkv[dtype], is_causal=True).float().sum().backward()
+
+    work = {f"{what} {name}": (fn, dtype) for what, fn in (("training step", train_step), ("attention", attention))
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    seconds = {k: [] for k in work}
+    for _ in range(rounds + 1):  # the first round warms up
+        for k, (fn, dtype) in work.items():
+            start = time.thread_time()
+            fn(dtype)
+            seconds[k].append(time.thread_time() - start)
+    print(f"mini, batch {batch} x block {block}, 1 thread, median of {rounds} interleaved (thread CPU time):")
+    for k, s in seconds.items():
+        print(f"  {k}: {statistics.median(s[1:]) * 1000:,.1f} ms")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", action="append", default=[], choices=sorted(SWEEPS), help="a sweep to run (repeatable)")
@@ -111,7 +157,12 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="what the budget counts (see above)")
     p.add_argument("--work", default="sweep_train", help="folder for the text, runs and records")
     p.add_argument("--records", help="the JSONL file of records (default: WORK/sweep_train.jsonl)")
+    p.add_argument("--step-times", action="store_true", help="time fp32 and bf16 steps and attention (see above)")
+    p.add_argument("--batch-block", default="32x64", help="--step-times shape, BATCHxBLOCK")
     args = p.parse_args(argv)
+    if args.step_times:
+        step_times(*map(int, args.batch_block.split("x")))
+        return 0
     work = Path(args.work).resolve()
     records = Path(args.records) if args.records else work / "sweep_train.jsonl"
     if args.sweep:

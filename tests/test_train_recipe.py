@@ -122,7 +122,7 @@ def test_budget_reserves_the_final_evaluation_and_save():
     budget.timed("eval", lambda: setattr(clock, "now", clock.now + 10.0))
     budget.timed("save", lambda: setattr(clock, "now", clock.now + 3.0))
     budget.step_done()  # this iteration's 13 s of evaluation and save are not step time
-    assert budget.recent == [5.0, 5.0, 0.0]
+    assert budget.recent == [5.0, 5.0, 0.0] and budget.step_s() == 5.0
     assert budget.reserve(eval_batches=2) == 13.0
     clock.now = 100 - 5 - 13 - 0.5
     assert not budget.out_of_time(2)
