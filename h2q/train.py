@@ -150,6 +150,7 @@ class TimeBudget:
     time until one has run). `spent` is the time a resumed run had used before."""
 
     RECENT = 5  # iterations whose median is the step estimate
+    EXIT_S = 2.0  # kept for what follows the final save and cannot be timed: the summary, the process's exit
 
     def __init__(self, seconds: float, started: float, clock=time.monotonic, spent: float = 0.0):
         self.seconds, self.clock = seconds, clock
@@ -170,7 +171,7 @@ class TimeBudget:
         """Seconds kept for the final evaluation and save."""
         step = self.step_s()
         eval_s = self.eval_s if self.eval_s is not None else eval_batches * step / 3  # a forward: ~1/3 of a step
-        return eval_s + (self.save_s if self.save_s is not None else step)
+        return eval_s + (self.save_s if self.save_s is not None else step) + self.EXIT_S
 
     def fraction(self, eval_batches: int) -> float:
         """How much of the budget's training time is gone, in [0, 1]."""

@@ -98,10 +98,10 @@ def test_time_budget_ends_on_time_with_a_fake_clock(text_dir, tmp_path):
     cfg = tiny_config(text_dir, tmp_path / "run", steps=0, time_budget=0.5, eval_every=1, save_every=10**6)
     summary = train(cfg, on_step=one_step_passes, clock=clock, started=0.0)
     assert not summary["interrupted"] and summary["max_steps"] == summary["steps"]
-    # evaluations take no fake time; no save has run, so one is reserved at a step's time: the last
-    # step is the 14th, which ends at 28 s with 2 s kept
-    assert 30 - 2 * step_s <= clock.now <= 30
-    assert summary["steps"] == 14
+    # evaluations take no fake time; no save has run, so one is reserved at a step's time, plus the
+    # exit's allowance: the last step is the 13th, which ends at 26 s with 2 + 2 s kept
+    assert 30 - 2 * step_s - TimeBudget.EXIT_S <= clock.now <= 30
+    assert summary["steps"] == 13
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records]
     peak = cfg.lr
@@ -123,8 +123,8 @@ def test_budget_reserves_the_final_evaluation_and_save():
     budget.timed("save", lambda: setattr(clock, "now", clock.now + 3.0))
     budget.step_done()  # this iteration's 13 s of evaluation and save are not step time
     assert budget.recent == [5.0, 5.0, 0.0] and budget.step_s() == 5.0
-    assert budget.reserve(eval_batches=2) == 13.0
-    clock.now = 100 - 5 - 13 - 0.5
+    assert budget.reserve(eval_batches=2) == 13.0 + TimeBudget.EXIT_S
+    clock.now = 100 - 5 - 13 - TimeBudget.EXIT_S - 0.5
     assert not budget.out_of_time(2)
     clock.now += 1.0
     assert budget.out_of_time(2)
