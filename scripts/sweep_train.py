@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import side_by_side as sbs
 
+from h2q.train import preset_name
+
 # sweep -> variants (label, train.py flags beyond the defaults); the defaults' own row is the one with no flags
 SWEEPS = {
     "shape": [("batch 8 x block 256", "--batch-size 8 --block-size 256"), ("batch 12 x block 64", "--batch-size 12"),
@@ -90,7 +92,7 @@ def run_sweep(name: str, d: sbs.BenchData, work: Path, budget_s: float, clock: s
         cfg = summary["train_config"]
         record = {"source": f"scripts/sweep_train.py, {stamp}", "sweep": name, "variant": job.name, "flags": extra,
                   "batch": cfg["batch_size"], "block": cfg["block_size"] or summary["model_config"]["context_len"],
-                  "preset": cfg["preset"], "optimizer": cfg["optimizer"], "schedule": "wsd",
+                  "preset": preset_name(summary["model_config"]), "optimizer": cfg["optimizer"], "schedule": "wsd",
                   "dtype": summary.get("autocast_dtype", cfg["dtype"]), "lr": cfg["lr"], "warmup": cfg["warmup"],
                   "compile": cfg["compile"], "clock": clock, "budget_s": budget_s, "wall_s": round(job.wall_s, 1),
                   "cpu_s": round(job.cpu_s, 1), "steps": result["steps"], "bytes_seen": result["bytes_seen"],
