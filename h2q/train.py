@@ -38,11 +38,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from h2q import checkpoint, data
+from h2q import checkpoint, data, distill
 from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, flag_name, resolve_device, run_main
 from h2q.config import PRESETS, check_options, option
 from h2q.errors import ConfigError, FileFormatError, H2QError
 from h2q.model import Transformer
+from h2q.monitor import Monitor, log_training_eval
 from h2q.optim import torch_state_from_tensors, torch_state_to_tensors
 
 
@@ -78,6 +79,14 @@ class TrainConfig:
     lora_rank: int = option(0, "train only a LoRA adapter of this rank on a frozen --init-from base (0 = off)",
                             at_least=0)
     lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)", above=0)
+    teacher: str | None = option(None, "distil from this trained checkpoint (frozen, may be quantized): the loss "
+                                 "mixes cross-entropy with KL to its softened next-byte distribution")
+    distill_alpha: float = option(0.5, "with --teacher: weight of the KL term (the data's cross-entropy gets "
+                                  "1 - alpha)", at_least=0, at_most=1)
+    distill_temperature: float = option(2.0, "with --teacher: softmax temperature T of both distributions (the KL "
+                                        "term is scaled by T^2)", above=0)
+    tensorboard: str | None = option(None, "write TensorBoard event files into this folder (needs the "
+                                     "[monitor] extra: pip install tensorboard)")
     progress: bool = option(True, "show the progress bar")
 
     def __post_init__(self):
@@ -158,6 +167,8 @@ class Run:
         if self.block_size > self.model.config.context_len:
             raise H2QError(f"--block-size {self.block_size} exceeds the model's context {self.model.config.context_len}")
         check_memory(cfg, self.block_size, self.model.config.vocab_size, self.device)
+        self.objective = distill.objective_for(cfg.teacher, cfg.distill_alpha, cfg.distill_temperature,
+                                               self.model.config, self.block_size, self.device)
         self.corpus = data.load_corpus(cfg.data_dir, self.block_size, root=cfg.data_root,
                                        log=print if rank == 0 else (lambda *a, **k: None))
         self.optimizer = make_optimizer(list(self.trainable.named_parameters()), cfg, self.device)
@@ -295,6 +306,7 @@ def run_training(cfg: TrainConfig, on_step=None) -> dict:
     elif rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "metrics.jsonl").unlink(missing_ok=True)
+    monitor = Monitor(cfg.tensorboard if rank == 0 else None, purge_step=run.step + 1 if cfg.resume else None)
     model = run.forward_module()
     run.trainable.train()
     tokens_per_step = cfg.batch_size * run.block_size * cfg.grad_accum * world_size
@@ -305,6 +317,8 @@ def run_training(cfg: TrainConfig, on_step=None) -> dict:
         what = f"adapter ({sum(p.numel() for p in run.trainable.parameters()):,} params) on" if run.adapter else "model"
         print(f"training {what} {n_params:,} params on {run.device} | {len(run.corpus.train):,} train bytes, "
               f"{len(run.corpus.val):,} val bytes | {tokens_per_step:,} tokens/step")
+        if cfg.teacher:
+            print(f"distilling from {cfg.teacher}: {run.objective}")
     bar = tqdm(total=run.max_steps or None, initial=run.step, disable=rank != 0 or not cfg.progress,
                unit="step", dynamic_ncols=True)
     t_start, t_last, loss_sum, loss_n, last_eval = time.time(), time.time(), 0.0, 0, None
@@ -330,7 +344,7 @@ def run_training(cfg: TrainConfig, on_step=None) -> dict:
                 sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
                 with (nullcontext() if sync else model.no_sync()), run.autocast:
                     logits = model(x, adapters=adapters)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    loss = run.objective(logits, x, y)
                 (loss / cfg.grad_accum).backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(run.trainable.parameters(), cfg.grad_clip)
@@ -348,6 +362,7 @@ def run_training(cfg: TrainConfig, on_step=None) -> dict:
             t_last = now
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.1e}")
+            monitor.scalars(run.step, {"loss": loss_value, "lr": lr, "tokens_per_s": tok_s}, "train/")
             done = run.max_steps and run.step >= run.max_steps
             if run.step % cfg.eval_every == 0 or done:
                 val_loss = evaluate(run.model, run.corpus.val, cfg, run.block_size, run.device, run.autocast, adapters)
@@ -356,8 +371,9 @@ def run_training(cfg: TrainConfig, on_step=None) -> dict:
                 last_eval = {"step": run.step, "tokens": run.tokens_seen, "elapsed_s": round(run.elapsed, 2),
                              "lr": lr, "train_loss": loss_sum / loss_n, "val_loss": val_loss,
                              "val_bpb": val_loss / math.log(2), "val_ppl": math.exp(val_loss),
-                             "tokens_per_s": run.tokens_seen / max(run.elapsed, 1e-9)}
+                             "tokens_per_s": run.tokens_seen / max(run.elapsed, 1e-9), **run.objective.parts()}
                 run.log_metrics(last_eval)
+                log_training_eval(monitor, run.step, last_eval, run.model, adapters)
                 loss_sum, loss_n = 0.0, 0
                 if rank == 0:
                     bar.write(f"step {run.step}: train {last_eval['train_loss']:.4f} | val {val_loss:.4f} "
@@ -372,6 +388,7 @@ def run_training(cfg: TrainConfig, on_step=None) -> dict:
             bar.write(f"interrupted at step {run.step}: saving a checkpoint; continue with --resume")
     bar.close()
     run.save()
+    monitor.close()
     summary = run_summary(run, interrupted, last_eval)
     if rank == 0:
         checkpoint.atomic_write_json(run.out / "training_log.json", summary)
@@ -390,7 +407,7 @@ def run_summary(run: Run, interrupted: bool, final: dict | None) -> dict:
 MAX_LOSS = 700.0  # nats: above it the perplexity exp(loss) overflows a float; the run has diverged
 # flags that may differ on --resume: where things are and how the run is watched, not what it computes
 RESUME_MAY_CHANGE = {"out", "data_root", "preset", "init_from", "device", "dtype", "compile", "resume",
-                     "progress", "eval_every", "eval_batches", "save_every"}
+                     "progress", "eval_every", "eval_batches", "save_every", "tensorboard"}
 STATE_KEYS = ("step", "max_steps", "tokens_seen", "elapsed", "world_size", "param_groups", "train_config",
               "model_config")
 
