@@ -6,9 +6,11 @@ five calls: `scalars`, `histogram`, `image`, `text`, `flush`. `Monitor(None)` is
 off, every call a no-op, so the loops log unconditionally and never branch on the flag. Asking
 for a monitor without the package installed is one error line that says how to install it.
 
-Steps are what the run counts (optimizer steps for training, cycles for evolution). A resumed run
-passes `purge_step`, the first step it will write again, so TensorBoard drops the events a killed run
-wrote past its last checkpoint instead of drawing two lines over the same steps. Watch a run with
+The package is imported when the monitor is made, so a missing one stops the run before it starts; the
+event file is opened at the first write. Steps are what the run counts (optimizer steps for training,
+cycles for evolution). A resumed run (`resumed=True`) purges from its first written step on, so
+TensorBoard drops the events a killed run wrote past its last checkpoint instead of drawing two lines
+over the same steps. Watch a run with
 `tensorboard --logdir DIR` (it serves on localhost only with its default flags).
 
 Also here, because the training loop is not the place for it: `sample_text`, a short generation of the
@@ -29,10 +31,10 @@ INSTALL_HINT = "pip install 'h2q[monitor]' (or pip install tensorboard)"
 
 
 class Monitor:
-    """A TensorBoard writer for one run folder, or (writer None) the switched-off monitor."""
+    """A TensorBoard writer for one folder (`log_dir`), or for log_dir None the switched-off monitor."""
 
-    def __init__(self, log_dir: str | None, purge_step: int | None = None):
-        self.log_dir, self.writer = log_dir, None
+    def __init__(self, log_dir: str | None, resumed: bool = False):
+        self.log_dir, self.resumed, self._writer = log_dir, resumed, None
         if log_dir is None:
             return
         try:
@@ -40,43 +42,49 @@ class Monitor:
         except ImportError:
             raise H2QError(f"--tensorboard needs the tensorboard package, which is not installed: {INSTALL_HINT}") \
                 from None
-        self.writer = SummaryWriter(log_dir, purge_step=purge_step, flush_secs=10)
-        weakref.finalize(self, self.writer.close)  # closed with the run's objects, or at exit
+        self._open = SummaryWriter
 
     @property
     def on(self) -> bool:
-        return self.writer is not None
+        return self.log_dir is not None
+
+    def writer(self, step: int):
+        """The SummaryWriter, opened at the first write (purging from `step` on for a resumed run)."""
+        if self._writer is None:
+            self._writer = self._open(self.log_dir, purge_step=step if self.resumed else None, flush_secs=10)
+            weakref.finalize(self, self._writer.close)  # closed with the run's objects, or at exit
+        return self._writer
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         """One scalar per finite number of `values`, tagged prefix + key."""
-        if self.writer is None:
+        if not self.on:
             return
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
-                self.writer.add_scalar(prefix + key, value, step)
+                self.writer(step).add_scalar(prefix + key, value, step)
 
     def histogram(self, tag: str, values, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_histogram(tag, np.asarray(values, dtype=np.float64), step)
+        if self.on:
+            self.writer(step).add_histogram(tag, np.asarray(values, dtype=np.float64), step)
 
     def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
         """An (H, W, 3) uint8 picture."""
-        if self.writer is not None:
+        if self.on:
             assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8, (rgb.shape, rgb.dtype)
-            self.writer.add_image(tag, rgb, step, dataformats="HWC")
+            self.writer(step).add_image(tag, rgb, step, dataformats="HWC")
 
     def text(self, tag: str, text: str, step: int) -> None:
         """Plain text, shown verbatim (TensorBoard renders markdown: indenting makes it a code block)."""
-        if self.writer is not None:
-            self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
+        if self.on:
+            self.writer(step).add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
 
     def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 SAMPLE_PROMPT = "\n"

@@ -297,6 +297,7 @@ def run_training(cfg: TrainConfig, on_step=None) -> dict:
     rank = int(os.environ.get("RANK", 0))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if resolve_device(cfg.device).type == "cuda" else "gloo")
+    monitor = Monitor(cfg.tensorboard if rank == 0 else None, resumed=cfg.resume)
     run = Run(cfg, rank, world_size)
     if cfg.resume:
         run.load()
@@ -306,7 +307,6 @@ def run_training(cfg: TrainConfig, on_step=None) -> dict:
     elif rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "metrics.jsonl").unlink(missing_ok=True)
-    monitor = Monitor(cfg.tensorboard if rank == 0 else None, purge_step=run.step + 1 if cfg.resume else None)
     model = run.forward_module()
     run.trainable.train()
     tokens_per_step = cfg.batch_size * run.block_size * cfg.grad_accum * world_size
