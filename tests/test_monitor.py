@@ -143,3 +143,16 @@ def test_evolve_events_read_back(tmp_path):
     images = acc.Images("world/map")
     assert [e.step for e in images] == [1, 2] and images[0].width == images[0].height == 16 * 12
     assert "sample/text_summary" in tags["tensors"]
+
+
+@needs_tensorboard
+def test_text_env_events_have_bits_per_byte_and_a_sample(text_dir, tmp_path):
+    cfg = EvolveConfig(base="random", preset="tiny", out=str(tmp_path / "run"), cycles=1, agents=2, steps=2,
+                       env="text", lora_rank=2, device="cpu", threads=1, progress=False,
+                       tensorboard=str(tmp_path / "tb"))
+    evolve(cfg, BreedConfig(), TextConfig(data_dir=str(text_dir), data_root=str(tmp_path / "prepared"),
+                                          text_block=32, eval_windows=4))
+    acc = events(tmp_path / "tb")
+    assert {"bits_per_byte/best_bpb", "bits_per_byte/base_bpb"} <= set(acc.Tags()["scalars"])
+    assert "sample/text_summary" in acc.Tags()["tensors"]
+    assert "world/map" not in acc.Tags()["images"]
