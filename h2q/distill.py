@@ -52,8 +52,7 @@ class Distillation:
 
     def __init__(self, teacher: torch.nn.Module, alpha: float, temperature: float):
         self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
-        self._sums = torch.zeros(2)
-        self._count = 0
+        self._sums, self._count = None, 0  # (2,) on the loss's device: no host sync per step
 
     def __str__(self) -> str:
         return (f"a teacher of {self.teacher.num_params():,} params (alpha {self.alpha:g}, temperature "
@@ -65,7 +64,8 @@ class Distillation:
         with torch.no_grad():
             teacher_logits = self.teacher(x)  # (B, T, V)
         loss, ce, kl = distillation_loss(logits, teacher_logits, y, self.alpha, self.temperature)
-        self._sums += torch.stack([ce.detach(), kl.detach()]).cpu()
+        terms = torch.stack([ce.detach(), kl.detach()])  # (2,)
+        self._sums = terms if self._sums is None else self._sums + terms
         self._count += 1
         return loss
 
@@ -74,8 +74,7 @@ class Distillation:
         if not self._count:
             return {}
         ce, kl = (self._sums / self._count).tolist()
-        self._sums.zero_()
-        self._count = 0
+        self._sums, self._count = None, 0
         return {"train_ce": ce, "train_kl": kl}
 
 

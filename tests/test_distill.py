@@ -2,9 +2,6 @@
 teacher frozen and untouched, quantized teachers, adapters as students, exact resume, clear errors."""
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +12,9 @@ from h2q.distill import Distillation, distillation_loss
 from h2q.errors import H2QError
 from h2q.model import Transformer
 from h2q.config import PRESETS
-from h2q.train import TrainConfig, train
+from h2q.cli import run_main
+from h2q.train import TrainConfig, main, train
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -123,16 +120,16 @@ def test_a_quantized_teacher_and_an_adapter_student(text_dir, tmp_path, teacher_
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
 
 
-def test_teacher_errors_are_one_line(text_dir, tmp_path, teacher_dir):
+def test_teacher_errors_are_one_line(text_dir, tmp_path, teacher_dir, capsys):
     with pytest.raises(H2QError, match="no model checkpoint"):
         train(tiny_config(text_dir, tmp_path / "a", teacher=str(tmp_path / "nowhere")))
     with pytest.raises(H2QError, match="context 64, shorter"):
         train(tiny_config(text_dir, tmp_path / "b", preset="mini", block_size=128, teacher=str(teacher_dir)))
-    run = subprocess.run([sys.executable, "train.py", "--teacher", str(tmp_path / "nowhere"), "--preset", "tiny",
-                          "--data-dir", str(text_dir), "--data-root", str(tmp_path / "prepared"), "--steps", "1",
-                          "--out", str(tmp_path / "c"), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode != 0 and "Traceback" not in run.stderr
-    assert run.stderr.strip().count("\n") == 0 and "--teacher" in run.stderr
+    code = run_main(main, ["--teacher", str(tmp_path / "nowhere"), "--preset", "tiny", "--data-dir", str(text_dir),
+                           "--data-root", str(tmp_path / "prepared"), "--steps", "1", "--out", str(tmp_path / "c"),
+                           "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --teacher")
     with pytest.raises(Exception, match="distill_alpha"):
         TrainConfig(distill_alpha=1.5)
     assert json.loads((teacher_dir / "training_log.json").read_text())["steps"] == 12
