@@ -83,7 +83,7 @@ class TrainConfig:
                                  "mixes cross-entropy with KL to its softened next-byte distribution")
     distill_alpha: float = option(0.5, "with --teacher: weight of the KL term (the data's cross-entropy gets "
                                   "1 - alpha)", at_least=0, at_most=1)
-    distill_temperature: float = option(2.0, "with --teacher: softmax temperature T of both distributions (the KL "
+    distill_temperature: float = option(1.0, "with --teacher: softmax temperature T of both distributions (the KL "
                                         "term is scaled by T^2)", above=0)
     tensorboard: str | None = option(None, "write TensorBoard event files into this folder (needs the "
                                      "[monitor] extra: pip install tensorboard)")

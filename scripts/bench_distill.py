@@ -2,9 +2,10 @@
 --teacher), at equal steps and at equal wall-clock, next to the teacher's own. Prints measured figures.
 
     python scripts/bench_distill.py --teacher checkpoints/base                  # student tiny, 1500 steps
-    python scripts/bench_distill.py --teacher T --student mini --steps 600 --alphas 0.5,0.9
+    python scripts/bench_distill.py --teacher T --alphas 0.5,1.0 --seeds 1337,2,3   # the README's table
+    python scripts/bench_distill.py --teacher T --alphas 0.5,0.9 --temperature 2    # its T = 2 rows
 
-Runs, all from one seed on the default corpus (or --data-dir), scored on the same validation windows
+Runs on the default corpus (or --data-dir), scored on the same validation windows
 at the student's block size:
 1. the teacher alone (no training);
 2. the student alone, --steps steps;
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--student", default="tiny", choices=list(PRESETS))
     p.add_argument("--steps", type=int, default=1500, help="training steps of the equal-steps runs")
     p.add_argument("--alphas", default="0.5", help="comma-separated --distill-alpha values, one run each")
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block-size", type=int, default=0, help="0 = the student's context length")
     p.add_argument("--lr", type=float, default=2e-3)
