@@ -227,13 +227,16 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("memory", [{}, {"memory": 1, "world": "view", "window": 3}])  # tiny: 64 bytes of context
+def test_resume_equals_an_uninterrupted_run(memory, tmp_path, monkeypatch):
     """2 cycles straight == Ctrl-C in cycle 2 (after its life), plus what a kill while writing cycle 2's
-    records would leave, then --resume: same records and adapters. Lives of 12 ticks: the learner
-    first updates at tick 16, so cycle 2 depends on its saved state."""
+    records would leave, then --resume: same records and adapters, also with agents' memories
+    (--memory, their KV caches). Lives of 12 ticks: the learner first updates at tick 16, so cycle 2
+    depends on its saved state."""
     def config(out, cycles, resume=False):
         return EvolveConfig(base="random", preset="tiny", out=str(out), cycles=cycles, agents=4, steps=12,
-                            eval_episodes=1, lora_rank=2, device="cpu", threads=1, progress=False, resume=resume)
+                            eval_episodes=1, lora_rank=2, device="cpu", threads=1, progress=False, resume=resume,
+                            **memory)
 
     evolve(config(tmp_path / "a", 2), BreedConfig(pbt=True), TextConfig())
     evaluate = GridEnv.evaluate

@@ -17,6 +17,8 @@ and 2K lines, and when full they are rewound and the last K lines fed again in o
 agents ride along as PAD. History keys/values were computed at their own step, with that step's
 adapter (and, for `window`, with older lines still in view); the learner recomputes each decision's
 context from its bytes with the current adapter, and PPO's ratio absorbs the small difference.
+Memories last one episode (`reset` empties them), so evolve's state at a cycle boundary holds none;
+`state_dict()`/`load_state_dict()` snapshot an episode in progress, memory cache included.
 
 Every decision leaves `last_context` (the exact bytes the row decided on after the prefix,
 left-padded with PAD) and `last_logprob`, which the learner stores and trains on.
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from h2q.config import check_options, option
-from h2q.errors import ConfigError
+from h2q.errors import ConfigError, H2QError
 from h2q.evolve.world import ACTIONS, OBS_LEN
 from h2q.generate import sample_next
 from h2q.kvcache import make_cache
@@ -191,6 +193,61 @@ class AgentPolicy:
         cache.set_pad_mask(valid)
         logits = self.model(ids, cache=cache, adapters=self.bank.bind(self.slots))  # (n, T, V)
         return logits[:, -1, self.action_ids].float()
+
+    # ---- state: an episode's memories, mid-episode ------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of what the policy carries between two `act` calls of an episode: the step counters,
+        every input the memory was fed, the previous actions, the last decision's context and
+        log-probabilities, the sampling generator and the memory cache (`memory.NAME`; its counters
+        in `memory_counters`, sorted by name). `reset` empties all of it."""
+        state = {"counters": torch.tensor([self.t, self.ctx_start]),
+                 "inputs": torch.from_numpy(np.concatenate([np.zeros((self.n, 0), np.uint8), *self.inputs], axis=1)),
+                 "prev_action": torch.from_numpy(self.prev_action.copy()),
+                 "last_context": torch.from_numpy(self.last_context.copy()),
+                 "last_logprob": torch.from_numpy(self.last_logprob.copy()),
+                 "generator": self.generator.get_state()}
+        if self.memory_cache is not None:
+            cache = self.memory_cache.state_dict()
+            state["memory_counters"] = torch.tensor([cache["counters"][k] for k in sorted(cache["counters"])])
+            state.update({f"memory.{k}": t for k, t in cache["tensors"].items()})
+        return state
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load a `state_dict()` of a policy made alike (same agents, memory and cache policy); the
+        policy continues the episode as the saved one would. H2QError, nothing changed, if it does
+        not fit."""
+        t, ctx_start = (int(x) for x in tensors.get("counters", torch.zeros(2)))
+        width = 0 if not self.cfg.memory or t == 0 else self.obs_len + (t - 1) * self.step_len
+        expected = {"counters": (2,), "inputs": (self.n, width), "prev_action": (self.n,),
+                    "last_context": (self.n, self.context_width), "last_logprob": (self.n,),
+                    "generator": tuple(self.generator.get_state().shape)}
+        cache = self._new_memory_cache() if self.cfg.memory else None
+        if cache is not None:
+            fresh = cache.state_dict()
+            counters = tensors.get("memory_counters", torch.zeros(0, dtype=torch.int64)).tolist()
+            if len(counters) != len(fresh["counters"]):
+                raise H2QError("agent policy state does not fit: its memory counters are not this cache's; "
+                               "it was saved for another configuration")
+            fresh["counters"] = dict(zip(sorted(fresh["counters"]), counters))
+            fresh["tensors"] = {k.removeprefix("memory."): v for k, v in tensors.items() if k.startswith("memory.")}
+            try:
+                cache.load_state_dict(fresh)  # checks the counters, names, shapes and dtypes
+            except H2QError as e:
+                raise H2QError(f"agent policy state does not fit its memory ({e}); it was saved for another "
+                               f"configuration") from None
+            expected["memory_counters"] = (len(counters),)
+        mine = {k: v for k, v in tensors.items() if not k.startswith("memory.")}
+        if mine.keys() != expected.keys() or any(tuple(mine[k].shape) != shape for k, shape in expected.items()):
+            raise H2QError(f"agent policy state does not fit (it holds {sorted(mine)} with shapes "
+                           f"{[tuple(v.shape) for v in mine.values()]}); it was saved for another configuration")
+        self.t, self.ctx_start, self.memory_cache = t, ctx_start, cache
+        inputs = tensors["inputs"].numpy().astype(np.uint8)
+        widths = [self.obs_len] + [self.step_len] * (t - 1) if width else []
+        self.inputs = np.split(inputs, np.cumsum(widths)[:-1], axis=1) if widths else []
+        self.prev_action = tensors["prev_action"].numpy().astype(np.uint8).copy()
+        self.last_context = tensors["last_context"].numpy().astype(np.int64).copy()
+        self.last_logprob = tensors["last_logprob"].numpy().astype(np.float64).copy()
+        self.generator.set_state(tensors["generator"].to(torch.uint8).cpu())
 
     # ---- accounting ------------------------------------------------------------------------------
     def nbytes(self) -> dict[str, int]:
