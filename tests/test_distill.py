@@ -92,10 +92,13 @@ def test_train_with_a_teacher(text_dir, tmp_path, teacher_dir):
         train(tiny_config(text_dir, tmp_path / "b", resume=True, steps=12, **{**flags, "distill_alpha": 0.2}))
 
 
-def test_a_distilled_student_is_closer_to_its_teacher(text_dir, tmp_path, teacher_dir):
+def test_a_distilled_student_is_closer_to_its_teacher(text_dir, tmp_path):
     """alpha 1 and T 1 (the KL to the teacher alone) for as many steps as plain training from the same
-    seed: the student's KL to the teacher ends lower."""
-    teacher, _ = checkpoint.load_model(teacher_dir)
+    seed: the student's KL to the teacher ends lower. The teacher is an untrained model, whose
+    distribution plain training on the text moves away from."""
+    torch.manual_seed(5)
+    checkpoint.save_model(tmp_path / "teacher", Transformer(PRESETS["tiny"]))
+    teacher, _ = checkpoint.load_model(tmp_path / "teacher")
     x = torch.tensor(list(b"the quick brown fox jumps over the lazy dog while agents")).view(2, 28)
 
     def kl_to_teacher(folder):
@@ -103,10 +106,10 @@ def test_a_distilled_student_is_closer_to_its_teacher(text_dir, tmp_path, teache
         with torch.no_grad():
             return float(distillation_loss(student(x), teacher(x), x, 1.0, 1.0)[2])
 
-    train(tiny_config(text_dir, tmp_path / "plain", steps=12, lr=1e-2, seed=7))  # not the teacher's seed
-    train(tiny_config(text_dir, tmp_path / "soft", steps=12, lr=1e-2, teacher=str(teacher_dir), distill_alpha=1.0,
-                      distill_temperature=1.0, seed=7))
-    assert kl_to_teacher(tmp_path / "soft") < kl_to_teacher(tmp_path / "plain")
+    train(tiny_config(text_dir, tmp_path / "plain", steps=12, lr=1e-2))
+    train(tiny_config(text_dir, tmp_path / "soft", steps=12, lr=1e-2, teacher=str(tmp_path / "teacher"),
+                      distill_alpha=1.0, distill_temperature=1.0))
+    assert kl_to_teacher(tmp_path / "soft") < 0.5 * kl_to_teacher(tmp_path / "plain")
 
 
 def test_a_quantized_teacher_and_an_adapter_student(text_dir, tmp_path, teacher_dir):
