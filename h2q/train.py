@@ -48,11 +48,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from h2q import checkpoint, data
+from h2q import checkpoint, data, distill
 from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, flag_name, resolve_device, run_main
 from h2q.config import PRESETS, check_options, option
 from h2q.errors import ConfigError, FileFormatError, H2QError
 from h2q.model import Transformer
+from h2q.monitor import Monitor, log_training_eval
 from h2q.optim import Optimizers, torch_state_from_tensors, torch_state_to_tensors
 from h2q.perf import ThreadPolicy
 
@@ -96,6 +97,14 @@ class TrainConfig:
     lora_rank: int = option(0, "train only a LoRA adapter of this rank on a frozen --init-from base (0 = off)",
                             at_least=0)
     lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)", above=0)
+    teacher: str | None = option(None, "distil from this trained checkpoint (frozen, may be quantized): the loss "
+                                 "mixes cross-entropy with KL to its softened next-byte distribution")
+    distill_alpha: float = option(0.5, "with --teacher: weight of the KL term (the data's cross-entropy gets "
+                                  "1 - alpha)", at_least=0, at_most=1)
+    distill_temperature: float = option(1.0, "with --teacher: softmax temperature T of both distributions (the KL "
+                                        "term is scaled by T^2)", above=0)
+    tensorboard: str | None = option(None, "write TensorBoard event files into this folder (needs the "
+                                     "[monitor] extra: pip install tensorboard)")
     progress: bool = option(True, "show the progress bar")
 
     def __post_init__(self):
@@ -291,6 +300,8 @@ class Run:
         if self.block_size > self.model.config.context_len:
             raise H2QError(f"--block-size {self.block_size} exceeds the model's context {self.model.config.context_len}")
         check_memory(cfg, self.block_size, self.model.config.vocab_size, self.device)
+        self.objective = distill.objective_for(cfg.teacher, cfg.distill_alpha, cfg.distill_temperature,
+                                               self.model.config, self.block_size, self.device)
         self.corpus = data.load_corpus(cfg.data_dir, self.block_size, root=cfg.data_root,
                                        log=print if rank == 0 else (lambda *a, **k: None))
         self.optimizer = make_optimizer(list(self.trainable.named_parameters()), cfg, self.device,
@@ -476,6 +487,7 @@ def run_training(cfg: TrainConfig, on_step=None, clock=time.monotonic, started: 
     rank = int(os.environ.get("RANK", 0))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if resolve_device(cfg.device).type == "cuda" else "gloo")
+    monitor = Monitor(cfg.tensorboard if rank == 0 else None, resumed=cfg.resume)
     run = Run(cfg, rank, world_size)
     if cfg.resume:
         run.load()
@@ -499,6 +511,8 @@ def run_training(cfg: TrainConfig, on_step=None, clock=time.monotonic, started: 
               f"{len(run.corpus.val):,} val bytes | {tokens_per_step:,} tokens/step")
         print(f"{run.optimizer_name()} | {run.dtype_name()} ({dtype_reason}) | threads {threads.describe()} | "
               + (f"{cfg.time_budget:g} min budget" if budget else f"{run.max_steps:,} steps"))
+        if cfg.teacher:
+            print(f"distilling from {cfg.teacher}: {run.objective}")
     bar = tqdm(total=run.max_steps or None, initial=run.step, disable=rank != 0 or not cfg.progress,
                unit="step", dynamic_ncols=True)
     t_last, loss_sum, loss_n, last_eval = clock(), 0.0, 0, None
@@ -518,7 +532,7 @@ def run_training(cfg: TrainConfig, on_step=None, clock=time.monotonic, started: 
                 sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
                 with (nullcontext() if sync else model.no_sync()), run.autocast:
                     logits = model(x, adapters=adapters)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    loss = run.objective(logits, x, y)
                 (loss / cfg.grad_accum).backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(run.trainable.parameters(), cfg.grad_clip)
@@ -536,6 +550,7 @@ def run_training(cfg: TrainConfig, on_step=None, clock=time.monotonic, started: 
             t_last = now
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.1e}")
+            monitor.scalars(run.step, {"loss": loss_value, "lr": lr, "tokens_per_s": tok_s}, "train/")
             if budget:
                 budget.step_done()
                 if run.agreed(float(budget.out_of_time(cfg.eval_batches))):
@@ -550,8 +565,9 @@ def run_training(cfg: TrainConfig, on_step=None, clock=time.monotonic, started: 
                 last_eval = {"step": run.step, "tokens": run.tokens_seen, "elapsed_s": round(run.elapsed, 2),
                              "lr": lr, "train_loss": loss_sum / loss_n, "val_loss": val_loss,
                              "val_bpb": val_loss / math.log(2), "val_ppl": math.exp(val_loss),
-                             "tokens_per_s": run.tokens_seen / max(run.elapsed, 1e-9)}
+                             "tokens_per_s": run.tokens_seen / max(run.elapsed, 1e-9), **run.objective.parts()}
                 run.log_metrics(last_eval)
+                log_training_eval(monitor, run.step, last_eval, run.model, adapters)
                 loss_sum, loss_n = 0.0, 0
                 if rank == 0:
                     bar.write(f"step {run.step}: train {last_eval['train_loss']:.4f} | val {val_loss:.4f} "
@@ -568,6 +584,7 @@ def run_training(cfg: TrainConfig, on_step=None, clock=time.monotonic, started: 
             bar.write(f"interrupted at step {run.step}: saving a checkpoint; continue with --resume")
     bar.close()
     run.save()
+    monitor.close()
     summary = run_summary(run, interrupted, last_eval)
     if rank == 0:
         checkpoint.atomic_write_json(run.out / "training_log.json", summary)
@@ -587,7 +604,7 @@ def run_summary(run: Run, interrupted: bool, final: dict | None) -> dict:
 MAX_LOSS = 700.0  # nats: above it the perplexity exp(loss) overflows a float; the run has diverged
 # flags that may differ on --resume: where things are and how the run is watched, not what it computes
 RESUME_MAY_CHANGE = {"out", "data_root", "preset", "init_from", "device", "dtype", "compile", "resume",
-                     "progress", "eval_every", "eval_batches", "save_every", "threads"}
+                     "progress", "eval_every", "eval_batches", "save_every", "threads", "tensorboard"}
 STATE_KEYS = ("step", "max_steps", "tokens_seen", "elapsed", "world_size", "param_groups", "train_config",
               "model_config")
 

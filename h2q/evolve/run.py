@@ -43,7 +43,7 @@ from h2q import checkpoint, quant
 from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, resolve_device, run_main
 from h2q.config import PRESETS, check_options, option
 from h2q.errors import H2QError
-from h2q.evolve import records
+from h2q.evolve import board, records
 from h2q.evolve.evolution import LEARNS, BreedConfig, Evaluation, Population, diversity, next_generation
 from h2q.evolve.grid_env import FITNESS, AgentKnobs, GridEnv
 from h2q.evolve.social_env import SocialConfig, SocialEnv
@@ -52,12 +52,14 @@ from h2q.evolve.render import Renderer
 from h2q.evolve.world import WorldConfig
 from h2q.lora import AdapterBank, LoraConfig, freeze_base
 from h2q.model import Transformer
+from h2q.monitor import Monitor
 from h2q.perf import ThreadPolicy
 
 PURPOSES = {"init": 1, "live": 2, "eval": 3, "breed": 4}
 DEFAULT_STEPS = {"grid": 200, "text": 20, "social": 8}
 # flags that may change between a run and its --resume
-RESUMABLE = {"cycles", "resume", "report", "render", "progress", "device", "out", "keep_cycles", "threads"}
+RESUMABLE = {"cycles", "resume", "report", "render", "progress", "device", "out", "keep_cycles", "threads",
+             "tensorboard"}
 
 
 @dataclass
@@ -93,6 +95,8 @@ class EvolveConfig:
                              "faster (a busy CPU), re-measured every 30 s", at_least=0)
     render: bool = option(False, "draw the world (grid) or the network (social) in the terminal while the agents "
                           "live and are evaluated (rank 0)")
+    tensorboard: str | None = option(None, "write TensorBoard event files into this folder: fitness, diversity, "
+                                     "deaths, adapter norms, the world map (needs the [monitor] extra)")
     resume: bool = option(False, "continue the run in --out from its last completed cycle")
     report: bool = option(False, "write OUT/report/report.html at the end (needs matplotlib)")
     keep_cycles: int = option(0, "keep only the newest K cycle_NNN adapter folders (0 = all)", at_least=0)
@@ -187,6 +191,7 @@ class Runner:
         self.threads = ThreadPolicy(cfg.threads) if self.device.type == "cpu" else None
         self.group = Group(self.device)
         self.lead = self.group.rank == 0
+        self.monitor = Monitor(cfg.tensorboard if self.lead else None, resumed=cfg.resume)
         self.model = load_base(cfg, self.device)
         self.out = Path(self.group.broadcast_json(str(records.resolve_out(cfg.out, cfg.resume))))
         lora_config = LoraConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha)
@@ -320,6 +325,7 @@ class Runner:
                                             **(pop.es.last if pop.es is not None else {}))
             records.append_metrics(self.out, record)
             checkpoint.atomic_write_json(self.out / "evolution_stats.json", records.evolution_stats(self.history))
+            board.log_cycle(self.monitor, c, record, ev, pop, self.model)
         self._share_population(replaced)
         self.env.reset_slots([s - self.lo for s in replaced if self.lo <= s < self.hi])
         self._save_state(c)
@@ -450,7 +456,7 @@ GROUPS = {
     "run": ["base", "preset", "out", "cycles", "agents", "steps", "seed", "resume", "keep_cycles", "report"],
     "grid world (--env grid)": ["env", "world", "window", "eval_episodes", "fitness", "temperature", "memory", "kv"],
     "adapters and learning": ["lora_rank", "lora_alpha", "lr", "quant"],
-    "hardware and display": ["device", "threads", "render", "progress"],
+    "hardware and display": ["device", "threads", "render", "progress", "tensorboard"],
 }
 
 
