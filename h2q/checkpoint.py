@@ -32,6 +32,7 @@ what to do.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -224,15 +225,18 @@ class FolderLock:
     """An exclusive lock on an output folder while one run writes it: OUT/.lock, locked with flock
     and holding the holder's pid. A second run gets a H2QError naming that pid (or, with wait=True,
     waits its turn). The OS frees the lock of a killed holder, so a stale lock file is simply taken
-    over. Released (and the file removed) by `release()` or at the end of a `with` block. On a
-    system without fcntl (Windows) nothing is locked."""
+    over. Released (and the file removed) by `release()` or at the end of a `with` block; a folder
+    the lock made is removed too if the run left it empty (a run refused at its start leaves no trace).
+    On a system without fcntl (Windows) nothing is locked."""
 
     def __init__(self, folder: str | Path, flag: str, wait: bool = False):
+        self.made = not Path(folder).exists()
         self.folder = ensure_folder(folder, flag)
         self.path, self.fd = self.folder / LOCK_FILE, None
         if fcntl is None:
             return
         while self.fd is None:
+            ensure_folder(self.folder, flag)  # a holder that made it may have removed it, empty, on release
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as e:
@@ -259,6 +263,9 @@ class FolderLock:
     def release(self) -> None:
         if self.fd is not None:
             self.path.unlink(missing_ok=True)  # while still locked: a waiter then sees another file
+            if self.made:
+                with contextlib.suppress(OSError):  # not empty: the run wrote something
+                    self.folder.rmdir()
             os.close(self.fd)
             self.fd = None
 

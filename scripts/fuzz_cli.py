@@ -14,7 +14,8 @@ judged against what the value or the damage is:
 * traceback: an exception other than the library's own errors;
 * silent acceptance: exit code 0 for a value out of its range or a damage the reader should see;
 * damaged files: a file that was there before changed, other than the run's own output of an
-  accepted run; or a lock or temporary file left behind;
+  accepted run;
+* left behind: a lock or temporary file, or a new empty folder;
 * timeout: the case ran past its time limit.
 
 tests/test_reliability.py makes its runs with `make_assets` too.
@@ -356,6 +357,19 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def folders(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir()}
+
+
+def left_behind(root: Path, before: dict[str, bytes], before_folders: set[str]) -> list[str]:
+    """What a run left that it should not: a lock or temporary file, or a new empty folder (the --out
+    of a run refused at its start)."""
+    left = [name for name in snapshot(root).keys() - before.keys()
+            if Path(name).name == checkpoint.LOCK_FILE or checkpoint.STALE_TEMP.fullmatch(Path(name).name)]
+    left += [f"{name}/" for name in folders(root) - before_folders if not any((root / name).iterdir())]
+    return sorted(left)
+
+
 def run_forked(main, argv: list[str], root: Path) -> tuple[object, str]:
     """(exit code or 'traceback: ...' or 'timeout', stderr) of main(argv) in a child process in `root`."""
     read, write = os.pipe()
@@ -387,7 +401,7 @@ def run_forked(main, argv: list[str], root: Path) -> tuple[object, str]:
     return pickle.loads(raw) if raw else ("timeout", "")
 
 
-def judge(case: dict, code, err: str, before: dict, after: dict) -> list[str]:
+def judge(case: dict, code, err: str, before: dict, after: dict, left: list[str]) -> list[str]:
     """The case's verdicts: one of clean/accepted/traceback/silent/timeout, plus damaged/left."""
     lines = [line for line in err.splitlines() if line.strip()]
     if code == "timeout":
@@ -403,8 +417,7 @@ def judge(case: dict, code, err: str, before: dict, after: dict) -> list[str]:
     free = tuple(f"{o}/" for o in case["outputs"]) if code == 0 else ()
     if any(after.get(name) != data for name, data in before.items() if not name.startswith(free)):
         verdicts.append("damaged")
-    if code != "timeout" and any(Path(n).name == checkpoint.LOCK_FILE or checkpoint.STALE_TEMP.fullmatch(Path(n).name)
-                                 for n in set(after) - set(before)):  # a killed run leaves them, as a kill -9 does
+    if code != "timeout" and left:  # a killed run leaves them, as a kill -9 does
         verdicts.append("left")
     return verdicts
 
@@ -430,17 +443,19 @@ def main(argv=None) -> int:
             shutil.rmtree(root, ignore_errors=True)
             shutil.copytree(assets, root)
             case = file_case(rng, root) if rng.random() < 0.5 else flag_case(rng, specs)
-            before = snapshot(root)
+            before, before_folders = snapshot(root), folders(root)
             code, err = run_forked(mains[case["entry"]], case["argv"], root)
             tried += 1
-            for verdict in judge(case, code, err, before, snapshot(root)):
+            left = left_behind(root, before, before_folders)
+            for verdict in judge(case, code, err, before, snapshot(root), left):
                 counts[verdict] += 1
                 if verdict not in ("clean", "accepted"):
                     last = (err.strip().splitlines() or [""])[-1][:160]
-                    examples.setdefault(verdict, []).append(f"{case['what']} -> {code}: {last}")
+                    extra = f" (left {', '.join(left)})" if verdict == "left" else ""
+                    examples.setdefault(verdict, []).append(f"{case['what']} -> {code}: {last}{extra}")
         print(f"fuzz_cli: {tried} cases in {time.time() - start:.0f} s (seed {args.seed})")
         print("| cases | clean errors | accepted | tracebacks | silent acceptances | unclear | timeouts "
-              "| damaged files | left lock/temp |")
+              "| damaged files | left behind |")
         print("|---|---|---|---|---|---|---|---|---|")
         print(f"| {tried} | {counts['clean']} | {counts['accepted']} | {counts['traceback']} | {counts['silent']} "
               f"| {counts['unclear']} | {counts['timeout']} | {counts['damaged']} | {counts['left']} |")

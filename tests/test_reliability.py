@@ -9,7 +9,7 @@ Each row runs in-process through `h2q.cli.run_main` in a fresh copy of a small s
 per session (`assets`, by scripts/fuzz_cli.py's `make_assets`, which fuzzes the same entry points at
 random), and asserts: exit code 2, no traceback, at most 3 lines on stderr, the flag or
 file named, every file that was there before byte-identical afterwards (a few rows name the files a
-failing cycle may legitimately leave appended), and no lock or temporary file left behind.
+failing cycle may legitimately leave appended), and no lock, temporary file or empty folder left behind.
 """
 from __future__ import annotations
 
@@ -207,6 +207,7 @@ def quantize_flag(*extra: str, names: str) -> Case:
 RESUME_HALF = train_args("half", 4, "--resume")
 RESUME_EV = ["--base", "base", "--cycles", "2", "--out", "ev", "--resume", *EVOLVE]
 QUANTIZE_BASE = ["--ckpt", "base", "--out", "q"]
+UNWRITABLE = "/proc/h2q-reliability/out"  # a folder nobody can make, root included (chmod does not stop root)
 CUTS = ["empty", "prefix", "header", "header_end", "data", "last_byte"]
 FLIPS = [("first", 1), ("middle", 1), ("last", 1), ("random", 4000)]
 
@@ -250,6 +251,12 @@ CASES = [
     Case("report RUN_DIR FILE", "report", ["afile"], "afile"),
     Case("prepare --data-root FILE", "prepare", ["--data-dir", "corpus", "--data-root", "afile"], "--data-root"),
     Case("quantize --out FILE", "quantize", ["--ckpt", "base", "--out", "afile"], "--out"),
+    Case("train --out unwritable", "train", train_args(UNWRITABLE), "--out"),
+    Case("train --data-root unwritable", "train", [*train_args("fresh"), "--data-root", UNWRITABLE], "--data-root"),
+    Case("evolve --out unwritable", "evolve", ["--base", "base", "--cycles", "1", "--out", UNWRITABLE, *EVOLVE],
+         "--out"),
+    Case("report --out unwritable", "report", ["base", "--out", UNWRITABLE], "--out"),
+    Case("quantize --out unwritable", "quantize", ["--ckpt", "base", "--out", UNWRITABLE], "--out"),
     # outputs that would overwrite inputs or files of another kind
     Case("quantize --out the float checkpoint's folder", "quantize",
          ["--ckpt", "base/model.safetensors", "--out", "base"], "--out"),
@@ -354,7 +361,7 @@ class Outcome:
     code: int | str  # the exit code, or "traceback" when an exception escaped run_main
     err: str
     damaged: list[str] = field(default_factory=list)
-    left: list[str] = field(default_factory=list)  # lock or temporary files left behind
+    left: list[str] = field(default_factory=list)  # lock or temporary files or empty folders left behind
 
 
 def run_case(case: Case, root: Path, monkeypatch, capsys) -> Outcome:
@@ -362,7 +369,7 @@ def run_case(case: Case, root: Path, monkeypatch, capsys) -> Outcome:
     monkeypatch.chdir(root)
     if case.setup:
         case.setup(root)
-    before = snapshot(root)
+    before, before_folders = snapshot(root), FUZZ.folders(root)
     if case.inject:
         case.inject(root, monkeypatch)
     capsys.readouterr()
@@ -379,9 +386,7 @@ def run_case(case: Case, root: Path, monkeypatch, capsys) -> Outcome:
     after = snapshot(root)
     damaged = [name for name, data in before.items() if after.get(name) != data
                and not (name in case.may_grow and name in after)]
-    left = [name for name in set(after) - set(before)
-            if Path(name).name == checkpoint.LOCK_FILE or checkpoint.STALE_TEMP.fullmatch(Path(name).name)]
-    return Outcome(code, err, damaged, sorted(left))
+    return Outcome(code, err, damaged, FUZZ.left_behind(root, before, before_folders))
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.slow else [])
