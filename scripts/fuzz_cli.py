@@ -76,7 +76,8 @@ def entry_points() -> dict:
         return module.main
 
     return {"train": train_main, "evolve": evolve_main, "infer": infer_main, "quantize": script("quantize"),
-            "report": script("report"), "prepare": script("prepare_data")}
+            "report": script("report"), "prepare": script("prepare_data"), "export": script("export"),
+            "import": script("import")}
 
 
 def make_assets(root: Path) -> Path:

@@ -257,6 +257,10 @@ CASES = [
          "--out"),
     Case("report --out unwritable", "report", ["base", "--out", UNWRITABLE], "--out"),
     Case("quantize --out unwritable", "quantize", ["--ckpt", "base", "--out", UNWRITABLE], "--out"),
+    Case("export --out FILE", "export", ["--format", "hf", "--ckpt", "base", "--out", "afile"], "--out"),
+    Case("export --out unwritable", "export", ["--format", "hf", "--ckpt", "base", "--out", UNWRITABLE], "--out"),
+    Case("export --out its input", "export", ["--format", "hf", "--ckpt", "base", "--out", "base"], "--out"),
+    Case("import --src not an export", "import", ["--format", "hf", "--src", "base", "--out", "fresh"], "base"),
     # outputs that would overwrite inputs or files of another kind
     Case("quantize --out the float checkpoint's folder", "quantize",
          ["--ckpt", "base/model.safetensors", "--out", "base"], "--out"),
