@@ -82,9 +82,6 @@ class TrainConfig:
 
     def __post_init__(self):
         check_options(self)
-        for name, value in asdict(self).items():
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 2**63:
-                raise ConfigError(name, f"must be < 2**63, got {value}")  # past what a tensor or a C int holds
         if self.steps and self.epochs:
             raise ConfigError("epochs", f"{self.epochs:g} and --steps {self.steps} both set the run's length; give one")
 
@@ -173,6 +170,7 @@ class Run:
         if self.out.resolve() == checkpoint.resolve_model_file(cfg.init_from).parent.resolve():
             raise H2QError("--out must differ from the --init-from base folder (e.g. checkpoints/adapters/NAME)")
         self.model, _ = checkpoint.load_model(cfg.init_from, self.device)
+        lora.check_rank(self.model.config, cfg.lora_rank)
         lora.freeze_base(self.model)
         self.adapter = lora.LoraAdapter(self.model, lora.LoraConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha)).to(self.device)
         self.trainable = self.adapter

@@ -47,7 +47,7 @@ from h2q.evolve.grid_env import FITNESS, AgentKnobs, GridEnv
 from h2q.evolve.text_env import TextConfig, TextEnv
 from h2q.evolve.render import Renderer
 from h2q.evolve.world import WorldConfig
-from h2q.lora import AdapterBank, LoraConfig, freeze_base
+from h2q.lora import AdapterBank, LoraConfig, check_rank, freeze_base
 from h2q.model import Transformer
 
 PURPOSES = {"init": 1, "live": 2, "eval": 3, "breed": 4}
@@ -182,6 +182,9 @@ class Runner:
         self.group = Group(self.device)
         self.lead = self.group.rank == 0
         self.model = load_base(cfg, self.device)
+        check_rank(self.model.config, cfg.lora_rank)
+        if breed.adaptive_rank:  # the bank holds the highest rank a child may reach
+            check_rank(self.model.config, breed.bank_rank(cfg.lora_rank), field="max_rank")
         self.out = Path(self.group.broadcast_json(str(records.resolve_out(cfg.out, cfg.resume))))
         lora_config = LoraConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha)
         init = torch.Generator().manual_seed(seed_for(cfg.seed, 0, "init"))
