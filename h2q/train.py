@@ -44,6 +44,7 @@ from h2q.config import PRESETS, check_options, option
 from h2q.errors import ConfigError, FileFormatError, H2QError
 from h2q.model import Transformer
 from h2q.optim import torch_state_from_tensors, torch_state_to_tensors
+from h2q.perf import device_memory
 
 
 @dataclass
@@ -515,14 +516,8 @@ def check_memory(cfg: TrainConfig, block_size: int, vocab_size: int, device: tor
     the device's memory: a floor under its real use, so nothing that could fit is refused."""
     tokens = cfg.batch_size * block_size
     floor = tokens * (2 * 4 * vocab_size + 4 * 8)
-    if device.type == "cuda":
-        have = torch.cuda.get_device_properties(device).total_memory
-    else:
-        try:
-            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):  # no sysconf figure: nothing to compare with
-            return
-    if floor > have:
+    have = device_memory(device)
+    if have is not None and floor > have:
         raise ConfigError("batch_size", f"{cfg.batch_size} x block {block_size} needs over {floor / 2**30:,.1f} GiB "
                                         f"per micro-step, this {device.type} has {have / 2**30:,.1f} GiB; lower it "
                                         f"(--grad-accum N keeps the tokens per step)")

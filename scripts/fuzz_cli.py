@@ -154,6 +154,10 @@ SMALL_SIZES = {"--steps": 3, "--cycles": 2, "--agents": 4, "--eval-episodes": 2,
                "--calib-batch-size": 2, "--memory": 2, "--grad-accum": 2, "--eval-batches": 2, "--calib-len": 16}
 
 
+# flags whose huge valid values only make a run long: never drawn huge
+LONG_RUNS = {"--steps", "--cycles", "--eval-episodes", "--grad-accum", "--eval-batches"}
+
+
 def draw_value(rng: random.Random, flag: str, kind: type, bounds: dict, choices) -> tuple[str, bool]:
     """(a value as typed on the command line, whether it is valid for the flag)."""
     if kind is bool:
@@ -178,8 +182,8 @@ def draw_value(rng: random.Random, flag: str, kind: type, bounds: dict, choices)
         return str(below), False
     if pick < 0.6 and high is not None:
         return str(high + 1 if kind is int else high + rng.choice([1e-6, 1.0, 1e30])), False
-    if pick < 0.65 and flag not in SMALL_SIZES:  # past any size: refused, or honoured (a save interval)
-        return "99999999999999999999999", high is None
+    if pick < 0.65 and flag not in LONG_RUNS:  # sizes past memory, or past 64 bits: refused, or honoured (an interval)
+        return rng.choice(["1000000000", str(2**62), "99999999999999999999999"]), high is None
     start = low if low is not None else 0
     if kind is int:
         start += 1 if "above" in bounds or (flag in SMALL_SIZES and start == 0) else 0  # --steps 0: 15 minutes
