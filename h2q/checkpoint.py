@@ -19,8 +19,9 @@ the same keys, shapes and dtypes, and finite values.
 An output folder is locked while a run writes it (`FolderLock`: OUT/.lock, an flock, so a killed
 holder frees it), and our own temporary files left there by a kill are removed under that lock
 (`remove_stale_temps`): `.NAME.<12 hex>.tmp` from `atomic_write`, `.tmpXXXXXX` from safetensors'
-writer. JSON-lines logs (`metrics.jsonl`) are appended one whole line at a time and read back with
-a torn last line left out (`read_jsonl_lines`).
+writer; a folder the lock made is removed again if the run left it empty. JSON-lines logs
+(`metrics.jsonl`) are appended one whole line at a time and read back with a torn last line left
+out (`read_jsonl_lines`).
 
 A LoRA adapter folder (h2q/lora.py), in PEFT's layout: `adapter_model.safetensors` (keys
 `layers.0.attn.q_proj.lora_A` / `.lora_B`) and `adapter_config.json` (r, lora_alpha, target_modules,
