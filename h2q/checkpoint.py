@@ -25,7 +25,8 @@ out (`read_jsonl_lines`).
 
 A LoRA adapter folder (h2q/lora.py), in PEFT's layout: `adapter_model.safetensors` (keys
 `layers.0.attn.q_proj.lora_A` / `.lora_B`) and `adapter_config.json` (r, lora_alpha, target_modules,
-lora_dropout, use_rslora, plus base_fingerprint and base_model_config, checked by `load_adapter`).
+lora_dropout, use_rslora, plus base_fingerprint and base_model_config, checked by `load_adapter`);
+the weights' metadata holds `config_sha256`, the hash of that JSON, so an edited config is caught too.
 
 This module imports the model and the compression modules to rebuild what it reads; they never import
 it. Anything wrong with a file the user points at raises `FileFormatError` with one line that says
@@ -64,6 +65,7 @@ ADAPTER_FORMAT = "h2q-lora-v1"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 CONTENT_HASH = "content_sha256"  # metadata key of the content hash every save_tensors file carries
+CONFIG_HASH = "config_sha256"  # in adapter_model.safetensors: the json_hash of its adapter_config.json
 LOCK_FILE = ".lock"
 # what atomic_write (".NAME.<12 hex>.tmp") and safetensors' own writer (".tmpXXXXXX") leave after a kill
 STALE_TEMP = re.compile(r"\..+\.[0-9a-f]{12}\.tmp|\.tmp[A-Za-z0-9]{6}")
@@ -398,13 +400,19 @@ def save_adapter(out_dir: str | Path, adapter: LoraAdapter, base_model: Transfor
     out_dir = Path(out_dir)
     base_fp = base_model.base_fingerprint()
     config = adapter.config
-    save_tensors(out_dir / ADAPTER_FILE, adapter.tensors(), {"format": ADAPTER_FORMAT, "base_fingerprint": base_fp})
-    atomic_write_json(out_dir / ADAPTER_CONFIG_FILE, {
-        "format": ADAPTER_FORMAT, "peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha,
-        "target_modules": list(config.target_names), "lora_dropout": config.dropout,
-        "use_rslora": config.rslora, "base_fingerprint": base_fp,
-        "base_model_config": adapter.base_config.to_dict()})
+    config_json = {"format": ADAPTER_FORMAT, "peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha,
+                   "target_modules": list(config.target_names), "lora_dropout": config.dropout,
+                   "use_rslora": config.rslora, "base_fingerprint": base_fp,
+                   "base_model_config": adapter.base_config.to_dict()}
+    save_tensors(out_dir / ADAPTER_FILE, adapter.tensors(), {"format": ADAPTER_FORMAT, "base_fingerprint": base_fp,
+                                                             CONFIG_HASH: json_hash(config_json)})
+    atomic_write_json(out_dir / ADAPTER_CONFIG_FILE, config_json)
     return out_dir
+
+
+def json_hash(obj) -> str:
+    """sha256 of a JSON value as canonical text (sorted keys): equal for equal values, whatever the layout."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
@@ -421,8 +429,15 @@ def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
         config = LoraConfig(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta["lora_dropout"]),
                             targets=",".join(meta["target_modules"]), rslora=bool(meta["use_rslora"]))
         base_config = ModelConfig.from_dict(meta["base_model_config"])
-    except (ValueError, KeyError, TypeError, AttributeError, H2QError) as e:
+    except KeyError as e:
+        raise FileFormatError(f"{config_path} is not a valid h2q adapter config (no {e} key); re-save the "
+                              f"adapter") from None
+    except (ValueError, TypeError, AttributeError, H2QError) as e:
         raise FileFormatError(f"{config_path} is not a valid h2q adapter config ({e}); re-save the adapter") from None
+    tensors, weights_meta = read_tensors(adapter_dir / ADAPTER_FILE, "adapter weights")
+    if CONFIG_HASH in weights_meta and weights_meta[CONFIG_HASH] != json_hash(meta):
+        raise FileFormatError(f"{config_path} is not the config {ADAPTER_FILE} was saved with (edited or damaged); "
+                              f"restore it from a copy or re-save the adapter")
     if base_config != base_model.config:
         diff = ", ".join(f"{k} {v} vs {getattr(base_model.config, k)}" for k, v in base_config.to_dict().items()
                          if getattr(base_model.config, k) != v)
@@ -432,7 +447,6 @@ def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
         raise FileFormatError(f"adapter {adapter_dir} was trained on base {meta.get('base_fingerprint')}, not this "
                               f"base {base_model.base_fingerprint()}; use its own base (or check_fingerprint=False "
                               f"on purpose)")
-    tensors, _ = read_tensors(adapter_dir / ADAPTER_FILE, "adapter weights")
     adapter = LoraAdapter(base_model.config, config, init=False)
     expected = adapter.tensors()
     check_tensors(tensors, expected, adapter_dir / ADAPTER_FILE, "re-save or retrain the adapter")

@@ -282,19 +282,22 @@ def damage(rng: random.Random, root: Path, name: str) -> str:
         return f"flip {count} bytes{' of the header' if op == 'flip_header' else ''}"
     if op == "json":
         value = rng.choice([[], {}, "x", 1, None, {"format": "h2q-lora-v1"}])
+        what = f"json replaced by {json.dumps(value)}"
         try:
             obj = json.loads(bytes(data))
             if isinstance(obj, dict) and obj and rng.random() < 0.6:
                 key = rng.choice(sorted(obj))
                 if rng.random() < 0.5:
                     del obj[key]
+                    what = f"json key {key!r} deleted"
                 else:
                     obj[key] = value
+                    what = f"json key {key!r} set to {json.dumps(value)}"
                 value = obj
         except ValueError:
             pass
         path.write_text(json.dumps(value))
-        return f"json {json.dumps(value)[:60]}"
+        return what
     header = json.loads(bytes(data[8:header_end(data)]))  # op == "header"
     entries = [v for k, v in sorted(header.items()) if k != "__metadata__"]
     entry = rng.choice(entries)

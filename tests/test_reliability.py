@@ -129,6 +129,13 @@ def copy_over(source: str, target: str) -> Callable[[Path], None]:
     return damage
 
 
+def edit_json(name: str, change: Callable) -> Callable[[Path], None]:
+    """Rewrite a JSON file as `change` of its value."""
+    def damage(root: Path):
+        (root / name).write_text(json.dumps(change(json.loads((root / name).read_text()))))
+    return damage
+
+
 def write(name: str, text: str) -> Callable[[Path], None]:
     def damage(root: Path):
         (root / name).write_text(text)
@@ -207,6 +214,7 @@ def quantize_flag(*extra: str, names: str) -> Case:
 RESUME_HALF = train_args("half", 4, "--resume")
 RESUME_EV = ["--base", "base", "--cycles", "2", "--out", "ev", "--resume", *EVOLVE]
 QUANTIZE_BASE = ["--ckpt", "base", "--out", "q"]
+INFER_LORA = ["--ckpt", "base", "--adapter", "lora", "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"]
 UNWRITABLE = "/proc/h2q-reliability/out"  # a folder nobody can make, root included (chmod does not stop root)
 CUTS = ["empty", "prefix", "header", "header_end", "data", "last_byte"]
 FLIPS = [("first", 1), ("middle", 1), ("last", 1), ("random", 4000)]
@@ -345,6 +353,14 @@ CASES = [
          flip("ev/state/env_c001_r0.safetensors", "last")),
     Case("learner state missing", "evolve", RESUME_EV, "env_c001_r0.safetensors",
          lambda root: (root / "ev/state/env_c001_r0.safetensors").unlink()),
+    *[Case(f"adapter_config.json {what}", "infer", INFER_LORA, "adapter_config.json", edit_json("lora/adapter_config.json", change))
+      for what, change in [("lora_alpha edited", lambda c: {**c, "lora_alpha": 1}),
+                           ("use_rslora as a string", lambda c: {**c, "use_rslora": "false"}),
+                           ("r deleted", lambda c: {k: v for k, v in c.items() if k != "r"}),
+                           ("holding []", lambda c: [])]],
+    Case("adapter weights flipped", "infer", INFER_LORA, "adapter_model.safetensors",
+         flip("lora/adapter_model.safetensors", "middle")),
+    Case("adapter on another base", "infer", [*INFER_LORA, "--ckpt", "base2"], "base"),
     # a second run on a held folder
     Case("train while another holds --out", "train", RESUME_HALF, "pid", inject=held_lock("half")),
     Case("train fresh while another holds --out", "train", train_args("fresh"), "pid", inject=held_lock("fresh")),
