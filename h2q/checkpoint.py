@@ -426,6 +426,8 @@ def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
                     f"{ADAPTER_CONFIG_FILE}); train one with --lora-rank")
     try:
         meta = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"it holds a JSON {type(meta).__name__}, not an object")
         config = LoraConfig(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta["lora_dropout"]),
                             targets=",".join(meta["target_modules"]), rslora=bool(meta["use_rslora"]))
         base_config = ModelConfig.from_dict(meta["base_model_config"])

@@ -56,12 +56,12 @@ def check_options(config) -> None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f.name, f"must be a finite number, got {value}")
-        if isinstance(value, int) and not -2**63 <= value < 2**63:  # past what a tensor or a C int holds
-            raise ConfigError(f.name, f"must be < 2**63 in size, got {value}")
         low_ok = value >= bounds.get("at_least", -math.inf) and value > bounds.get("above", -math.inf)
         high_ok = value <= bounds.get("at_most", math.inf) and value < bounds.get("below", math.inf)
         if not (low_ok and high_ok):
             raise ConfigError(f.name, f"must be {range_text(bounds)}, got {value}")
+        if isinstance(value, int) and not -2**63 <= value < 2**63:  # past what a tensor or a C int holds
+            raise ConfigError(f.name, f"must be < 2^63, got {value}")
 
 
 def option_default(f):

@@ -44,7 +44,7 @@ def check_calibration_flags(args) -> None:
         if value is not None and value < 1:
             raise ConfigError(name, f"must be >= 1, got {value}")
     if not 0 <= args.seed < 2**63:
-        raise ConfigError("seed", f"must be >= 0 and < 2**63, got {args.seed}")
+        raise ConfigError("seed", f"must be >= 0 and < 2^63, got {args.seed}")
     window_bytes = args.calib_batches * args.calib_batch_size * (args.calib_len or 1) * 8  # int64 ids, all held
     memory = device_memory(torch.device("cpu"))  # the windows are held on the host
     if args.gptq and memory and window_bytes > memory:
