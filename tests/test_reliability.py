@@ -28,7 +28,7 @@ from typing import Callable
 import pytest
 from safetensors import SafetensorError
 
-from h2q import checkpoint
+from h2q import checkpoint, data
 from h2q.cli import run_main
 from h2q.config import PRESETS
 from h2q.evolve import records
@@ -457,17 +457,21 @@ def test_resume_of_a_finished_run_keeps_its_files(assets, tmp_path, monkeypatch,
 
 
 def test_a_stale_lock_and_stale_temp_files_are_taken_over(assets, tmp_path, monkeypatch):
-    """A lock file whose holder died (no flock on it) and the temporary files of a killed save: the
-    next run takes the folder and removes them; readers never read them."""
+    """A lock file whose holder died (no flock on it) and the temporary files of a killed save or
+    corpus preparation: the next run takes the folder and removes them; readers never read them."""
     root = tmp_path / "runs"
     shutil.copytree(assets, root)
     monkeypatch.chdir(root)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     (root / "half" / checkpoint.LOCK_FILE).write_text(dead.stdout)
+    corpus = str((root / "corpus").resolve()).encode()
+    prepared = root / "prep" / f"corpus-{data.sha256_bytes(corpus)[:8]}"  # where this copy's corpus is prepared
     stale = [root / "half" / ".train_state.safetensors.0123456789ab.tmp", root / "half" / ".tmpAb12Cd",
              root / "ev" / "state" / ".evolve_state.safetensors.ba9876543210.tmp",
-             root / "ev" / "cycle_001" / "agent_00" / ".tmpZz99Yy"]
+             root / "ev" / "cycle_001" / "agent_00" / ".tmpZz99Yy",
+             prepared / ".train.bin.0123456789ab.tmp"]  # a kill while preparing the corpus
+    prepared.mkdir(parents=True, exist_ok=True)
     for path in stale:
         path.write_bytes(b"half a file")
     assert run_main(MAINS['train'], RESUME_HALF) == 0
