@@ -1,6 +1,6 @@
-"""The hardware a run uses: the device (`resolve_device`) and its memory (`device_memory`), torch's CPU thread count (`ThreadPolicy`), and
-the measured figures the benchmarks compare against: the matmul peak of this device, and how long a
-model's weight matmuls alone take at a given number of rows.
+"""The hardware a run uses: the device (`resolve_device`) and its memory (`device_memory`), torch's CPU
+thread count (`ThreadPolicy`), and the measured figures the benchmarks compare against: the matmul
+peak of this device, and how long a model's weight matmuls alone take at a given number of rows.
 
 MFU (PaLM, Chowdhery et al. 2022) divides a model's FLOPs per second by the hardware's peak; here the
 peak is measured, not taken from a data sheet, so a figure means "of what this machine really does".

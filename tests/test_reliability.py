@@ -330,7 +330,8 @@ CASES = [
     Case("model garbage", "quantize", QUANTIZE_BASE, "model.safetensors", garbage("base/model.safetensors")),
     Case("model dtype F32 -> I32", "quantize", QUANTIZE_BASE, "model.safetensors",
          edit_header("base/model.safetensors", retype)),
-    Case("model shape swapped", "quantize", QUANTIZE_BASE, "model.safetensors", edit_header("base/model.safetensors", swap_shape)),
+    Case("model shape swapped", "quantize", QUANTIZE_BASE, "model.safetensors",
+         edit_header("base/model.safetensors", swap_shape)),
     Case("model flip: evolve --base", "evolve", ["--base", "base", "--cycles", "1", "--out", "fresh", *EVOLVE],
          "model.safetensors", flip("base/model.safetensors", "middle")),
     Case("model flip: train --init-from", "train", train_args("fresh", 2, "--init-from", "base", "--lora-rank", "4"),
@@ -353,7 +354,8 @@ CASES = [
          flip("ev/state/env_c001_r0.safetensors", "last")),
     Case("learner state missing", "evolve", RESUME_EV, "env_c001_r0.safetensors",
          lambda root: (root / "ev/state/env_c001_r0.safetensors").unlink()),
-    *[Case(f"adapter_config.json {what}", "infer", INFER_LORA, "adapter_config.json", edit_json("lora/adapter_config.json", change))
+    *[Case(f"adapter_config.json {what}", "infer", INFER_LORA, "adapter_config.json",
+           edit_json("lora/adapter_config.json", change))
       for what, change in [("lora_alpha edited", lambda c: {**c, "lora_alpha": 1}),
                            ("use_rslora as a string", lambda c: {**c, "use_rslora": "false"}),
                            ("r deleted", lambda c: {k: v for k, v in c.items() if k != "r"}),
