@@ -183,7 +183,8 @@ def draw_value(rng: random.Random, flag: str, kind: type, bounds: dict, choices)
     if pick < 0.6 and high is not None:
         return str(high + 1 if kind is int else high + rng.choice([1e-6, 1.0, 1e30])), False
     if pick < 0.65 and flag not in LONG_RUNS:  # sizes past memory, or past 64 bits: refused, or honoured (an interval)
-        return rng.choice(["1000000000", str(2**62), "99999999999999999999999"]), high is None
+        huge = rng.choice([10**9, 2**62, 10**23])
+        return str(huge), high is None or huge < high or (huge == high and "at_most" in bounds)
     start = low if low is not None else 0
     if kind is int:
         start += 1 if "above" in bounds or (flag in SMALL_SIZES and start == 0) else 0  # --steps 0: 15 minutes
