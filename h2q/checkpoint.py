@@ -50,6 +50,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from h2q import quant, tokenizer
 from h2q.config import ModelConfig
 from h2q.errors import FileFormatError, H2QError
+from h2q.kvcache import cache_from_state
 from h2q.lora import LoraAdapter, LoraConfig
 from h2q.model import Transformer
 
@@ -166,29 +167,35 @@ def _check_readable(path: Path, what: str, missing: str | None = None) -> None:
     raise FileFormatError(f"{what} {path} is not a file; give the file itself")
 
 
-def read_metadata(path: str | Path, what: str = "checkpoint") -> dict:
-    """A safetensors file's metadata alone (its tensors are neither read nor verified)."""
+def read_metadata(path: str | Path, what: str = "checkpoint", fix: str = "restore it or retrain") -> dict:
+    """A safetensors file's metadata alone (its tensors are neither read nor verified); `fix` ends the
+    error line of an unreadable file."""
     path = Path(path)
     _check_readable(path, what)
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FileFormatError(f"{what} {path} is unreadable or corrupt ({e}); restore it or retrain") from None
+        raise FileFormatError(f"{what} {path} is unreadable or corrupt ({e}); {fix}") from None
 
 
-def read_tensors(path: str | Path, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict]:
-    """Load a safetensors file and verify its content hash (when it has one); a missing, truncated,
-    corrupt or altered file is a FileFormatError."""
+def read_tensors(path: str | Path, what: str = "checkpoint", fix: str = "restore it from a copy or retrain",
+                 require_hash: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a safetensors file and verify its content hash (when it has one; with `require_hash` a
+    file without one is refused too); a missing, truncated, corrupt or altered file is a
+    FileFormatError whose line ends in `fix`."""
     path = Path(path)
-    metadata = read_metadata(path, what)
+    metadata = read_metadata(path, what, fix)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FileFormatError(f"{what} {path} is unreadable or corrupt ({e}); restore it or retrain") from None
+        raise FileFormatError(f"{what} {path} is unreadable or corrupt ({e}); {fix}") from None
+    if require_hash and CONTENT_HASH not in metadata:
+        raise FileFormatError(f"{what} {path} carries no content hash ({CONTENT_HASH}), so it cannot be "
+                              f"verified; {fix}")
     if CONTENT_HASH in metadata and content_hash(tensors, metadata) != metadata[CONTENT_HASH]:
         raise FileFormatError(f"{what} {path} is corrupt: its content does not match the hash it was saved "
-                              f"with; restore it from a copy or retrain")
+                              f"with; {fix}")
     return tensors, metadata
 
 
@@ -456,3 +463,120 @@ def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
         for k, t in expected.items():
             t.copy_(tensors[k])
     return adapter.to(device if device is not None else base_model.embed.weight.device)
+
+
+# -- KV caches: a conversation's text and the cache that holds it ------------------------------------
+CACHE_FORMAT = "h2q-kvcache-v1"
+_CACHE_FIX = "delete it and save the conversation again"
+
+
+def adapter_fingerprint(adapters) -> str:
+    """What `adapters` (h2q/lora.py) adds to the base, as 16 hex digits of sha256 over its config and
+    tensors ('none' for None); a bound bank also by each row's slot (-1: the base alone)."""
+    if adapters is None:
+        return "none"
+    module, rows = adapters, None
+    if hasattr(adapters, "bank"):  # lora.BoundBank
+        module = adapters.bank
+        rows = torch.where(adapters.row_scale.view(-1) != 0, adapters.rows, -1).tolist()
+    h = hashlib.sha256(json.dumps([repr(module.config), rows]).encode())
+    for p in module.parameters():
+        h.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _weights_identity(model: Transformer) -> str:
+    return model.quant_scheme.to_json() if model.quant_scheme is not None else "float"
+
+
+def save_cache(path: str | Path, cache, model: Transformer, text_ids=None, adapters=None,
+               extra: dict | None = None) -> Path:
+    """Write a KV cache (h2q/kvbase.py `state_dict`; None: the text alone, for a conversation whose
+    cache is to be rebuilt) as one safetensors file, atomically: tensors `cache.NAME`, `text_ids`
+    (int32, the text the cache was made from, if given) and `extra.KEY` for tensor values of
+    `extra`; metadata: the cache's policy, options, sizes and counters, the model's config, base
+    fingerprint and weights (float or its quantization scheme), the identity of `adapters`
+    (`adapter_fingerprint`) and the other `extra` values as JSON; `save_tensors` adds the content hash
+    of it all, which `read_cache_file` requires."""
+    if getattr(cache, "prefix", None) is not None:
+        raise H2QError("this cache reads a shared prefix, which is not saved with it; save a cache of its own")
+    state = cache.state_dict() if cache is not None else None
+    tensors = {f"cache.{name}": t for name, t in state.pop("tensors").items()} if state is not None else {}
+    if text_ids is not None:
+        ids = tensors["text_ids"] = torch.as_tensor(list(text_ids), dtype=torch.int32)
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) <= tokenizer.PAD:
+            raise H2QError(f"text ids must be token ids 0..{tokenizer.PAD}")
+    extra = dict(extra or {})
+    tensors.update({f"extra.{key}": extra.pop(key) for key in [k for k, v in extra.items() if torch.is_tensor(v)]})
+    try:
+        extra_json = json.dumps(extra)
+    except (TypeError, ValueError) as e:
+        raise H2QError(f"extra values of a saved cache must be JSON or tensors ({e})") from None
+    metadata = {"format": CACHE_FORMAT, "cache": json.dumps(state), "config": json.dumps(model.config.to_dict()),
+                "tokenizer": tokenizer.NAME, "base_fingerprint": model.base_fingerprint(),
+                "weights": _weights_identity(model), "adapter": adapter_fingerprint(adapters), "extra": extra_json}
+    path = Path(path)
+    save_tensors(path, tensors, metadata)
+    return path
+
+
+def read_cache_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A file of `save_cache`, checked (format, content hash, metadata, text ids) but not yet matched to a
+    model -> (tensors, info: cache (the state without tensors, or None), config, tokenizer,
+    base_fingerprint, weights, adapter, extra (JSON values and tensors), text_ids). A session may read
+    `info` first to pick the adapter or quantization the cache was made with."""
+    path = Path(path)
+    if read_metadata(path, "KV cache file", _CACHE_FIX).get("format") != CACHE_FORMAT:
+        raise FileFormatError(f"{path} is not an h2q KV cache file (no '{CACHE_FORMAT}' metadata); save one "
+                              f"with checkpoint.save_cache (the REPL's /save)")
+    tensors, metadata = read_tensors(path, "KV cache file", _CACHE_FIX, require_hash=True)
+    try:
+        info = {k: metadata[k] for k in ("tokenizer", "base_fingerprint", "weights", "adapter")}
+        info.update({k: json.loads(metadata[k]) for k in ("cache", "config", "extra")})
+        info["config"] = ModelConfig.from_dict(info["config"])
+    except (KeyError, ValueError, TypeError, AttributeError, H2QError) as e:
+        raise FileFormatError(f"KV cache file {path} has unreadable metadata ({e}); save it again") from None
+    if not isinstance(info["cache"], (dict, type(None))) or not isinstance(info["extra"], dict):
+        raise FileFormatError(f"KV cache file {path} has malformed metadata; save it again")
+    ids = tensors.get("text_ids", torch.zeros(0, dtype=torch.int32))
+    unknown = [k for k in tensors if not k.startswith(("cache.", "extra.")) and k != "text_ids"]
+    in_range = ids.numel() == 0 or (0 <= int(ids.min()) and int(ids.max()) <= tokenizer.PAD)
+    if unknown or ids.dim() != 1 or ids.dtype != torch.int32 or not in_range:
+        raise FileFormatError(f"KV cache file {path} holds unexpected tensors or text ids; save it again")
+    if info["cache"] is None and any(k.startswith("cache.") for k in tensors):
+        raise FileFormatError(f"KV cache file {path} holds cache tensors but no cache state; save it again")
+    info["extra"].update({k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")})
+    info["text_ids"] = ids.tolist()
+    return tensors, info
+
+
+def load_cache(path: str | Path, model: Transformer, adapters=None, device=None) -> tuple[object, list[int], dict]:
+    """Read a file of `save_cache` for `model` (with `adapters`, as when it was saved) -> (the cache on
+    `device`, default the model's, or None if only the text was saved; the text ids; meta: policy,
+    options, batch_size, max_len, dtype, counters (empty without a cache), adapter, extra). A file that
+    is not such a cache, is corrupt, or was made on another base, other weights or another adapter
+    raises FileFormatError naming it."""
+    path = Path(path)
+    tensors, info = read_cache_file(path)
+    if info["config"] != model.config or info["tokenizer"] != tokenizer.NAME:
+        raise FileFormatError(f"KV cache file {path} was made for another base shape ({info['config']}); "
+                              f"load it with its own base")
+    if info["base_fingerprint"] != model.base_fingerprint():
+        raise FileFormatError(f"KV cache file {path} was made on base {info['base_fingerprint']}, not this "
+                              f"base {model.base_fingerprint()}; load it with its own base")
+    if info["weights"] != _weights_identity(model):
+        raise FileFormatError(f"KV cache file {path} was made with other weights ({info['weights']}) than "
+                              f"the model in use ({_weights_identity(model)}); use the same quantization")
+    if info["adapter"] != adapter_fingerprint(adapters):
+        raise FileFormatError(f"KV cache file {path} was made with adapter {info['adapter']}, the model "
+                              f"in use has {adapter_fingerprint(adapters)}; load the same adapter first")
+    state, cache = info["cache"], None
+    if state is not None:
+        state["tensors"] = {k.removeprefix("cache."): v for k, v in tensors.items() if k.startswith("cache.")}
+        try:
+            device = device if device is not None else model.embed.weight.device
+            cache = cache_from_state(state, model.config, device)
+        except H2QError as e:
+            raise FileFormatError(f"KV cache file {path}: {e}") from None
+    meta = {k: v for k, v in (state or {}).items() if k != "tensors"}
+    return cache, info["text_ids"], {**meta, "adapter": info["adapter"], "extra": info["extra"]}

@@ -19,12 +19,22 @@ histories.
   alike leaves unchanged; values are untouched.
 * Memory: `nbytes` is the sum of numel * element_size over the tensors the cache holds (`tensors()`),
   bookkeeping included; a shared prefix is counted by the prefix cache, not by its users.
+* Saving: between forwards, `state_dict()` is everything a cache holds, its make_cache arguments
+  (policy, options, batch size, max_len, dtype) and counters as plain values and its tensors (the
+  written part only: slots a cache never reads are left out); `load_state_dict` into a cache made
+  alike restores it exactly, so the next forward gives the same logits bit for bit. A state that does
+  not fit the cache raises H2QError and changes nothing. A shared prefix is not part of its users'
+  state (it has its own): restore a user into a cache made with the same prefix. The file format is
+  h2q/checkpoint.py's (`save_cache`, `load_cache`).
 """
 from __future__ import annotations
 
 import torch
 
 from h2q.config import ModelConfig
+from h2q.errors import H2QError
+
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]  # state tensor name -> (shape, dtype)
 
 
 def pairs(x: torch.Tensor) -> torch.Tensor:
@@ -47,9 +57,19 @@ def angles(rotary, pos: torch.Tensor) -> torch.Tensor:
     return torch.complex(*rotary.cos_sin(pos))
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def per_layer(tensors: list[torch.Tensor], end: int | None = None) -> torch.Tensor:
+    """One tensor per layer, (B, nh, S, hs) each (the first `end` slots) -> (n_layer, B, nh, S, hs)."""
+    return torch.stack([t[:, :, :end] for t in tensors])
+
+
 class KVCache:
     """What all policies share: per-row positions, the pad mask of the coming forward, accounting."""
 
+    policy: str  # the name h2q/kvcache.py's make_cache knows the class by
     evicts = False  # True for policies that drop tokens to stay within max_len
     prefill_chunk: int  # tokens per forward that `prefill` uses
 
@@ -95,6 +115,68 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    # -- saving and restoring ---------------------------------------------------------------------
+    def options(self) -> dict:
+        """The policy's own make_cache options (group=, sinks=, recent=) as plain values."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """{policy, options, batch_size, max_len, dtype, counters: plain values, tensors: name ->
+        a copy}: everything the cache holds between forwards."""
+        assert self._new_valid is None and self._step is None, "a cache is saved between forwards"
+        return {"policy": self.policy, "options": self.options(), "batch_size": self.batch_size,
+                "max_len": self.max_len, "dtype": dtype_name(self.dtype), "counters": self._counters(),
+                "tensors": self._state_tensors()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()` of a cache made alike (same policy, options, sizes, dtype, prefix
+        length); H2QError, with nothing changed, for any state that does not fit."""
+        assert self._new_valid is None and self._step is None, "a cache is restored between forwards"
+        if not isinstance(state, dict):
+            raise H2QError(f"a cache state is a dict, not {type(state).__name__}")
+        mine = {"policy": self.policy, "options": self.options(), "batch_size": self.batch_size,
+                "max_len": self.max_len, "dtype": dtype_name(self.dtype)}
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise H2QError(f"the cache state has {key} {state.get(key)!r} where this cache has {value!r}; "
+                               f"make the cache from the state (h2q.kvcache.cache_from_state)")
+        counters, tensors = state.get("counters"), state.get("tensors")
+        names = self._counters().keys()
+        if (not isinstance(counters, dict) or counters.keys() != names
+                or not all(type(v) is int for v in counters.values())):
+            raise H2QError(f"the cache state's counters must be the integers {sorted(names)}, got {counters!r}")
+        problem = self._bad_counters(counters)
+        if problem:
+            raise H2QError(f"the cache state's counters {counters} are inconsistent: {problem}")
+        layout = self._layout(counters)
+        if not isinstance(tensors, dict) or tensors.keys() != layout.keys():
+            got = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
+            raise H2QError(f"the cache state holds the tensors {got}, a {self.policy} cache needs {sorted(layout)}")
+        for name, (shape, dtype) in layout.items():
+            t = tensors[name]
+            if not torch.is_tensor(t) or tuple(t.shape) != shape or t.dtype != dtype:
+                got = f"{tuple(t.shape)} {dtype_name(t.dtype)}" if torch.is_tensor(t) else type(t).__name__
+                raise H2QError(f"cache state tensor {name!r} is {got}, this cache needs {shape} {dtype_name(dtype)}")
+        self._restore(counters, {name: t.to(self.device) for name, t in tensors.items()})
+
+    def _counters(self) -> dict[str, int]:
+        return {}
+
+    def _bad_counters(self, counters: dict[str, int]) -> str | None:
+        """What is wrong with counters of a state (None: nothing); ranges, checked before any tensor."""
+        return None
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"pos": self.pos.clone()}
+
+    def _layout(self, counters: dict[str, int]) -> Layout:
+        """Shape and dtype of every state tensor for these counters."""
+        return {"pos": ((self.batch_size,), torch.long)}
+
+    def _restore(self, counters: dict[str, int], tensors: dict[str, torch.Tensor]) -> None:
+        """Take checked counters and tensors (on the cache's device) as the cache's own."""
+        self.pos.copy_(tensors["pos"])
 
 
 class SlotCache(KVCache):
@@ -189,10 +271,36 @@ class SlotCache(KVCache):
     def _bookkeeping(self) -> list[torch.Tensor]:
         return [self.pos, self.valid]
 
+    def _counters(self):
+        return {"length": self.length, "prefix_len": self.prefix_len}
+
+    def _bad_counters(self, counters):
+        if not 0 <= counters["length"] <= self.max_len:
+            return f"length outside [0, max_len {self.max_len}]"
+        if counters["prefix_len"] != self.prefix_len:
+            return (f"it was made over a shared prefix of {counters['prefix_len']} tokens, this cache has "
+                    f"{self.prefix_len}; restore it into a cache made with that prefix")
+        return None
+
+    def _state_tensors(self):
+        return {**super()._state_tensors(), "valid": self.valid[:, :self.length].clone()}
+
+    def _layout(self, counters):
+        return {**super()._layout(counters), "valid": ((self.batch_size, counters["length"]), torch.bool)}
+
+    def _restore(self, counters, tensors):
+        super()._restore(counters, tensors)
+        length = self.length = counters["length"]
+        self.valid[:, :length] = tensors["valid"]
+        self.valid[:, length:] = True  # as truncate leaves unwritten slots
+        self._all_valid = bool(self.valid[:, :length].all())
+
 
 class FullCache(SlotCache):
     """Uncompressed: preallocated (B, nh, max_len, hs) buffers per layer, written in place with
     slicing; reads are views, so a decode step allocates nothing that grows with the context."""
+
+    policy = "full"
 
     def __init__(self, cfg, batch_size, max_len, device, dtype, prefix=None):
         super().__init__(cfg, batch_size, max_len, device, dtype, prefix)
@@ -213,3 +321,16 @@ class FullCache(SlotCache):
 
     def tensors(self):
         return [*self.k, *self.v, *self._bookkeeping()]
+
+    def _state_tensors(self):
+        return {**super()._state_tensors(), "k": per_layer(self.k, self.length), "v": per_layer(self.v, self.length)}
+
+    def _layout(self, counters):
+        shape = (self.n_layer, self.batch_size, self.n_head, counters["length"], self.head_dim)
+        return {**super()._layout(counters), "k": (shape, self.dtype), "v": (shape, self.dtype)}
+
+    def _restore(self, counters, tensors):
+        super()._restore(counters, tensors)
+        for layer in range(self.n_layer):  # slots past the length are never read: left as they are
+            self.k[layer][:, :, :self.length] = tensors["k"][layer]
+            self.v[layer][:, :, :self.length] = tensors["v"][layer]

@@ -1,7 +1,7 @@
 """Measurements behind scripts/bench_kv.py, reusable on their own: KV memory and bits per byte of
 teacher-forced text through a cache policy, decode speed through `generate_batch`, the speed of a
-sampler that recomputes the whole context every step (the minimal nanoGPT/minGPT way), and memory
-while streaming far past the context with `window`.
+sampler that recomputes the whole context every step (the minimal nanoGPT/minGPT way), memory
+while streaming far past the context with `window`, and restoring a saved cache against recomputing it.
 
 Every figure is measured, never derived: memory is the cache's `nbytes` after each forward divided by
 the rows of the batch (every tensor a cache holds has a batch dimension), speeds are wall-clock.
@@ -9,16 +9,19 @@ the rows of the batch (every tensor a cache holds has a batch dimension), speeds
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from h2q.checkpoint import load_cache, save_cache
 from h2q.data import eval_window_starts, windows_to_batch
 from h2q.generate import generate_batch
-from h2q.kvcache import make_cache
+from h2q.kvcache import make_cache, prefill
 
 
 @dataclass
@@ -111,3 +114,58 @@ def stream_window(model, tokens: int, capacity: int, **opts) -> StreamReport:
     generate_batch(model, [b"\n"], tokens, temperature=1.0, seed=0, stop=(), cache=cache, on_token=watch)
     filled = sizes[capacity:] or sizes[-1:]
     return StreamReport(len(sizes), min(filled), max(filled), (len(stamps) - 1) / (stamps[-1] - stamps[0]))
+
+
+@torch.inference_mode()
+def prefill_seconds(model, policy: str, ids: list[int], threads: int, max_len: int | None = None, **opts) -> float:
+    """Wall-clock of `prefill` of one long prompt into a fresh cache of `policy` (max_len default: the
+    model's context) at `threads` torch threads (restored afterwards)."""
+    weight, before = model.embed.weight, torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        cache = make_cache(policy, model.config, 1, max_len or model.config.context_len, weight.device,
+                           weight.dtype, **opts)
+        prefill(model, cache, [ids])
+        return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class PersistReport:
+    tokens: int  # tokens of context fed
+    held: int  # tokens the cache holds after them (at most its max_len)
+    memory_bytes: int  # the cache's nbytes
+    file_bytes: int  # the saved file on disk, metadata and text ids included
+    prefill_s: float  # median: recompute the cache from the text
+    save_s: float  # median: save_cache
+    restore_s: float  # median: load_cache (read, content hash, identity checks, rebuild)
+    exact: bool  # the restored cache's next logits equal the original's bit for bit
+
+
+@torch.inference_mode()
+def persist_costs(model, policy: str, ids: list[int], folder: Path, repeats: int = 5, max_len: int | None = None,
+                  **opts) -> PersistReport:
+    """Recompute (prefill `ids` into a fresh cache of `policy`, `max_len` default room for them and
+    one more), save and restore (h2q.checkpoint) it, `repeats` times interleaved; medians, and
+    whether the restored cache gives the original's next logits exactly."""
+    weight = model.embed.weight
+    path = Path(folder) / f"{policy}.safetensors"
+    times = {"prefill": [], "save": [], "restore": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        cache = make_cache(policy, model.config, 1, max_len or len(ids) + 1, weight.device, weight.dtype, **opts)
+        prefill(model, cache, [ids])
+        times["prefill"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        save_cache(path, cache, model, text_ids=ids)
+        times["save"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        restored, _, _ = load_cache(path, model)
+        times["restore"].append(time.perf_counter() - start)
+    probe = torch.tensor([[ids[-1]]], device=weight.device)
+    exact = torch.equal(model(probe, cache=restored), model(probe, cache=cache))
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return PersistReport(len(ids), min(len(ids), cache.max_len), cache.nbytes, path.stat().st_size,
+                         median["prefill"], median["save"], median["restore"], exact)

@@ -10,6 +10,8 @@ cache holds: the slot-based policies (full, int8, int4) refuse to go past it, th
 * Ragged batches (one row per agent, each with its own history): `prefill(model, cache, prompts)`
   right-pads a list of differently sized prompts, marks the pads (`cache.set_pad_mask`), runs them in
   chunks and returns each row's last logits; a row's logits equal the row run alone.
+* Saving: `cache.state_dict()` holds everything, `cache_from_state(state, config)` makes the same
+  cache again (policy, options and sizes from the state); the file is h2q/checkpoint.py's `save_cache`.
 * Prefix sharing: prefill an instruction once into a batch-1 cache and pass it as `prefix=` to the
   batch's cache; `truncate(length)` rewinds the batch's own part, so agents reuse the prefix step
   after step. For 20 agents:
@@ -25,12 +27,14 @@ from __future__ import annotations
 import torch
 
 from h2q.config import ModelConfig
+from h2q.errors import H2QError
 from h2q.kvbase import FullCache, KVCache
 from h2q.kvcompress import H2OCache, Int4Cache, Int8Cache, WindowCache
 from h2q.tokenizer import PAD
 
-POLICIES: dict[str, type[KVCache]] = {"full": FullCache, "int8": Int8Cache, "int4": Int4Cache,
-                                      "window": WindowCache, "h2o": H2OCache}
+POLICIES: dict[str, type[KVCache]] = {cls.policy: cls for cls in (FullCache, Int8Cache, Int4Cache, WindowCache,
+                                                                     H2OCache)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # a cache's K/V
 
 
 def policies() -> dict[str, type[KVCache]]:
@@ -46,6 +50,26 @@ def make_cache(policy: str, model_config: ModelConfig, batch_size: int, max_len:
     if policy not in POLICIES:
         raise ValueError(f"unknown cache policy {policy!r}; choose one of {', '.join(POLICIES)}")
     return POLICIES[policy](model_config, batch_size, max_len or model_config.context_len, device, dtype, **opts)
+
+
+def cache_from_state(state: dict, model_config: ModelConfig, device="cpu", prefix: KVCache | None = None) -> KVCache:
+    """A cache made from a `state_dict()` (h2q/kvbase.py) and restored from it, on `device`; `prefix`:
+    the shared prefix it was made over, if any. H2QError for a state that is not a cache's."""
+    if not isinstance(state, dict) or state.get("policy") not in POLICIES:
+        policy = state.get("policy") if isinstance(state, dict) else None
+        raise H2QError(f"the cache state names policy {policy!r}, not one of {', '.join(POLICIES)}")
+    if state.get("dtype") not in DTYPES:
+        raise H2QError(f"the cache state has dtype {state.get('dtype')!r}, not one of {', '.join(DTYPES)}")
+    sizes, options = (state.get("batch_size"), state.get("max_len")), state.get("options")
+    if not all(type(n) is int and n >= 1 for n in sizes) or not isinstance(options, dict):
+        raise H2QError(f"the cache state's batch_size/max_len {sizes} and options {options!r} are not a cache's")
+    extra = {"prefix": prefix} if prefix is not None else {}
+    try:
+        cache = make_cache(state["policy"], model_config, *sizes, device, DTYPES[state["dtype"]], **options, **extra)
+    except (TypeError, ValueError) as e:
+        raise H2QError(f"the cache state's options {options} do not make a {state['policy']} cache ({e})") from None
+    cache.load_state_dict(state)
+    return cache
 
 
 def pad_prompts(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from h2q.kvbase import KVCache, SlotCache, angles, as_pairs, interleaved, pairs
+from h2q.kvbase import KVCache, SlotCache, angles, as_pairs, interleaved, pairs, per_layer
 
 SCALE_FLOOR = 1e-6  # a constant group gets this step instead of dividing by zero
 
@@ -160,12 +160,55 @@ class QuantCache(SlotCache):
         return [self.k_codes, self.k_scale, self.k_min, self.v_codes, self.v_scale, self.v_min,
                 *self.k_res, *self.v_res, *self._bookkeeping()]
 
+    def options(self):
+        return {"group": self.group}
+
+    def _counters(self):
+        return {**super()._counters(), "n_quant": self.n_quant}
+
+    def _bad_counters(self, counters):
+        n, residual = counters["n_quant"], counters["length"] - counters["n_quant"]
+        if n % self.group or not 0 <= residual < self.group:
+            return f"n_quant must be a multiple of the group {self.group} with fewer than a group after it"
+        return super()._bad_counters(counters)
+
+    def _state_tensors(self):
+        n, G = self.n_quant, self.group
+        return {**super()._state_tensors(),
+                "k_codes": self.k_codes[:, :, :, :n].clone(), "k_scale": self.k_scale[:, :, :, :n // G].clone(),
+                "k_min": self.k_min[:, :, :, :n // G].clone(), "v_codes": self.v_codes[:, :, :, :n].clone(),
+                "v_scale": self.v_scale[:, :, :, :n].clone(), "v_min": self.v_min[:, :, :, :n].clone(),
+                "k_res": per_layer(self.k_res), "v_res": per_layer(self.v_res)}
+
+    def _layout(self, counters):
+        n, G = counters["n_quant"], self.group
+        lead = (self.n_layer, self.batch_size, self.n_head)
+        codes = (lead + (n, self.k_codes.shape[-1]), torch.uint8)
+        residual = (lead + (counters["length"] - n, self.head_dim), self.dtype)
+        key_scales = (lead + (n // G, self.head_dim), torch.float16)
+        value_scales = (lead + (n, self.head_dim // self.value_group), torch.float16)
+        return {**super()._layout(counters), "k_codes": codes, "k_scale": key_scales, "k_min": key_scales,
+                "v_codes": codes, "v_scale": value_scales, "v_min": value_scales,
+                "k_res": residual, "v_res": residual}
+
+    def _restore(self, counters, tensors):
+        super()._restore(counters, tensors)
+        n, G = counters["n_quant"], self.group
+        self.n_quant = n
+        for name, end in (("k_codes", n), ("k_scale", n // G), ("k_min", n // G), ("v_codes", n),
+                          ("v_scale", n), ("v_min", n)):
+            getattr(self, name)[:, :, :, :end] = tensors[name]
+        self.k_res = [r.clone() for r in tensors["k_res"]]
+        self.v_res = [r.clone() for r in tensors["v_res"]]
+
 
 class Int8Cache(QuantCache):
+    policy = "int8"
     bits = 8
 
 
 class Int4Cache(QuantCache):
+    policy = "int4"
     bits = 4
 
     def _pack(self, codes):
@@ -256,13 +299,35 @@ class EvictingCache(KVCache):
     def tensors(self):
         return [*self.k, *self.v, self.time, self.alive, self.pos]
 
+    def _state_tensors(self):  # every slot: the pool is fixed, and a pad query reads its own slot
+        return {**super()._state_tensors(), "k": per_layer(self.k), "v": per_layer(self.v),
+                "time": self.time.clone(), "alive": self.alive.clone()}
+
+    def _layout(self, counters):
+        kv = ((self.n_layer, self.batch_size, self.n_head, self.max_len, self.head_dim), self.dtype)
+        return {**super()._layout(counters), "k": kv, "v": kv, "time": (tuple(self.time.shape), torch.int32),
+                "alive": (tuple(self.alive.shape), torch.bool)}
+
+    def _restore(self, counters, tensors):
+        super()._restore(counters, tensors)
+        for layer in range(self.n_layer):
+            self.k[layer].copy_(tensors["k"][layer])
+            self.v[layer].copy_(tensors["v"][layer])
+        self.time.copy_(tensors["time"])
+        self.alive.copy_(tensors["alive"])
+
 
 class WindowCache(EvictingCache):
     """StreamingLLM: `sinks` first tokens + the most recent `max_len - sinks`."""
 
+    policy = "window"
+
     def __init__(self, cfg, batch_size, max_len, device, dtype, sinks: int = 4):
         super().__init__(cfg, batch_size, max_len, device, dtype, protected=sinks)
         self.sinks = sinks
+
+    def options(self):
+        return {"sinks": self.sinks}
 
     def _priority(self, meta):
         time, alive = self.time[meta], self.alive[meta]
@@ -273,6 +338,7 @@ class WindowCache(EvictingCache):
 class H2OCache(EvictingCache):
     """H2O: per layer and head, the `recent` newest tokens + heavy hitters, `max_len` in all."""
 
+    policy = "h2o"
     per_head = True
 
     def __init__(self, cfg, batch_size, max_len, device, dtype, recent: int | None = None):
@@ -304,3 +370,16 @@ class H2OCache(EvictingCache):
 
     def tensors(self):
         return [*super().tensors(), self.score]
+
+    def options(self):
+        return {"recent": self.recent}
+
+    def _state_tensors(self):
+        return {**super()._state_tensors(), "score": self.score.clone()}
+
+    def _layout(self, counters):
+        return {**super()._layout(counters), "score": (tuple(self.score.shape), self.score.dtype)}
+
+    def _restore(self, counters, tensors):
+        super()._restore(counters, tensors)
+        self.score.copy_(tensors["score"])

@@ -642,15 +642,15 @@ def _agent_score(agent: dict, column: str, oracle) -> float | None:
     if column == "bits/byte (held-out)":
         return -_last_fitness(agent)
     if column == "% of the oracle":
-        value = agent.get("pct_oracle")
-        return value[-1] if isinstance(value, list) and value else value
+        value = (agent.get("scores") or {}).get("pct_oracle")
+        return value[-1] if isinstance(value, list) and value else None
     return 100 * _last_fitness(agent) / oracle if oracle else None  # no per-agent food rates: fitness vs the oracle's
 
 
 def _agent_rows(population: dict, last: dict, text_env: bool) -> tuple[list[str], list[list]]:
     """The per-agent table of the newest cycle, best first."""
     agents = sorted(population.get("agents", []), key=lambda a: -np.nan_to_num(_last_fitness(a), nan=-np.inf))
-    column = "bits/byte (held-out)" if text_env else "% of the oracle" if any("pct_oracle" in a for a in agents) \
+    column = "bits/byte (held-out)" if text_env else "% of the oracle" if any("pct_oracle" in (a.get("scores") or {}) for a in agents) \
         else "fitness as % of the oracle's"
     rows = [[a.get("id"), a.get("slot"), ", ".join(a.get("parents") or []) or "(first generation)",
              a.get("birth_cycle"), _last_fitness(a), _agent_score(a, column, last.get("oracle")), a.get("lr"),

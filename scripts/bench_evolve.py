@@ -82,6 +82,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each")
     p.add_argument("--out", default="checkpoints/bench_evolve")
     p.add_argument("--table", action="store_true", help="print the table of the runs on disk, run nothing")
+    p.add_argument("--score", action="store_true", help="with --table: first score the committed cycles of every "
+                   "run on disk not scored yet, finished or not (then --cycles K tables the first K cycles)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny random base, 2 arms x 2 seeds x 2 cycles")
     p.add_argument("--worker", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -286,6 +288,12 @@ def main(argv=None) -> int:
         worker(args, args.worker[0], int(args.worker[1]))
         return 0
     if args.table:
+        if args.score:
+            base = baselines(args)
+            for arm in args.arm_names:
+                for seed in range(args.seeds):
+                    if (run_dir(args, arm, seed) / "metrics.jsonl").is_file():
+                        score_run(args, arm, seed, base)
         table(args)
         return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,21 @@ cache of that policy (teacher-forced, one token per forward unless --chunk), its
 --compile also compiled) against a sampler that recomputes the whole context every step, at the
 full context, and `window` streaming 8x the context.
 The targets are printed beside the measurements. The measuring code is h2q/kvbench.py.
+
+`--long-prompt N` times the prefill of one N-byte prompt (of the validation text) per evicting policy
+at torch's thread count and at one thread, interleaved `--repeats` times (medians).
+
+`--persist` measures saved caches instead: per policy, a `--persist-ctx` (512) byte context of the
+validation text prefilled (recomputed), saved with h2q.checkpoint.save_cache and restored with
+load_cache, interleaved `--repeats` times (medians); bytes on disk, and whether the restored cache's
+next logits equal the original's bit for bit.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -24,7 +34,7 @@ from h2q.cli import resolve_device, run_main  # noqa: E402
 from h2q.config import PRESETS  # noqa: E402
 from h2q.data import load_corpus  # noqa: E402
 from h2q.errors import H2QError  # noqa: E402
-from h2q.kvcache import policies  # noqa: E402
+from h2q.kvcache import make_cache, policies  # noqa: E402
 from h2q.model import Transformer  # noqa: E402
 
 TARGETS = {"int8": (0.3, 3.5), "int4": (2.0, 6.0)}  # (max % worse bits per byte, min times less memory)
@@ -53,6 +63,10 @@ def parse_args(argv):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="smoke run: context 64, 2 windows, short decodes")
+    p.add_argument("--long-prompt", type=int, default=None, help="time the prefill of one prompt of N bytes instead")
+    p.add_argument("--persist", action="store_true", help="measure saving/restoring caches instead (see above)")
+    p.add_argument("--persist-ctx", type=int, default=512, help="with --persist: bytes of context")
+    p.add_argument("--repeats", type=int, default=5, help="with --persist: interleaved repeats")
     return p.parse_args(argv)
 
 
@@ -81,7 +95,7 @@ def policy_options(args, ctx) -> dict[str, dict]:
 
 
 def check_flags(args, ctx: int) -> None:
-    for flag in ("windows", "chunk", "group", "batch", "stream_factor", "threads", "ctx"):
+    for flag in ("windows", "chunk", "group", "batch", "stream_factor", "threads", "ctx", "persist_ctx", "repeats"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise H2QError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -99,6 +113,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     model = load(args, device)
+    if args.persist:
+        return persist(args, model)
+    if args.long_prompt is not None:
+        return long_prompt(args, model)
     ctx = min(args.ctx or model.config.context_len, 64 if args.quick else model.config.context_len)
     check_flags(args, ctx)
     chosen = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -123,6 +141,61 @@ def main(argv=None) -> int:
         rows[policy] = (budget or ctx, evaluation, speeds)
     print_table(rows, ctx, args.batch)
     print_targets(rows, model, ctx, args)
+    return 0
+
+
+def long_prompt(args, model) -> int:
+    """The --long-prompt table: the evicting policies as infer.py --kv makes them (the model's context,
+    default options); full/int8/int4 refuse a prompt longer than the context."""
+    ctx = model.config.context_len
+    check_flags(args, ctx)
+    if args.long_prompt < 1:
+        raise H2QError(f"--long-prompt must be >= 1, got {args.long_prompt}")
+    val = validation_bytes(args, ctx)
+    ids = [int(b) for b in (bytes(val) * (args.long_prompt // max(len(val), 1) + 1))[:args.long_prompt]]
+    many = torch.get_num_threads()
+    print(f"model {model.config}; one prompt of {len(ids)} bytes; {many} vs 1 threads interleaved, medians of "
+          f"{args.repeats}")
+    print(f"\n{'policy':<7} {'holds':>6} {'chunk':>6} {f'{many} threads s':>12} {'1 thread s':>11}")
+    for policy in ("window", "h2o"):
+        times = {many: [], 1: []}
+        for _ in range(args.repeats):
+            for threads in times:
+                times[threads].append(kvbench.prefill_seconds(model, policy, ids, threads))
+        chunk = make_cache(policy, model.config, 1).prefill_chunk
+        print(f"{policy:<7} {ctx:>6} {chunk:>6} {statistics.median(times[many]):>12.2f} "
+              f"{statistics.median(times[1]):>11.2f}")
+    return 0
+
+
+def persist(args, model) -> int:
+    """The --persist table."""
+    ctx = 64 if args.quick else args.persist_ctx
+    check_flags(args, ctx)
+    chosen = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if set(chosen) - set(policies()):
+        raise H2QError(f"--policies must name only {', '.join(policies())}")
+    val = validation_bytes(args, ctx)
+    if len(val) < ctx:
+        raise H2QError(f"the validation text has {len(val)} bytes, fewer than the context of {ctx}")
+    ids = [int(b) for b in val[:ctx]]
+    model.fingerprint = model.base_fingerprint()  # a random model's is computed once, as a loaded one's is read
+    repeats = 2 if args.quick else args.repeats
+    beyond = ctx > model.config.context_len
+    print(f"model {model.config}, {torch.get_num_threads()} threads, {args.device}; context {ctx} bytes of "
+          f"validation text{' (past the model context: positions untrained, timings only)' * beyond}; "
+          f"medians of {repeats} interleaved repeats")
+    print(f"\n{'policy':<7} {'holds':>6} {'KV memory':>10} {'file':>10} {'prefill ms':>11} {'save ms':>8} "
+          f"{'restore ms':>11} {'restore vs prefill':>19} {'next logits':>12}")
+    with tempfile.TemporaryDirectory() as folder:
+        for policy in chosen:
+            opts = dict(policy_options(args, ctx)[policy])
+            report = kvbench.persist_costs(model, policy, ids, Path(folder), repeats, **opts)
+            print(f"{policy:<7} {report.held:>6} {size(report.memory_bytes):>10} {size(report.file_bytes):>10} "
+                  f"{1e3 * report.prefill_s:>11.1f} {1e3 * report.save_s:>8.1f} {1e3 * report.restore_s:>11.1f} "
+                  f"{report.prefill_s / report.restore_s:>18.1f}x {'bit-exact' if report.exact else 'DIFFER':>12}")
+    print("(restore = read the file, verify its content hash and base/weights/adapter identity, rebuild the cache; "
+          "prefill = recompute the same cache from the text)")
     return 0
 
 

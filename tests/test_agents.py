@@ -84,6 +84,36 @@ def test_memory_contexts_replay_the_decision(kv, tol):
     assert policy.nbytes()["memory_cache"] > 0
 
 
+@pytest.mark.parametrize("memory,kv", [(0, "window"), (2, "window"), (2, "full"), (2, "int8")])
+def test_state_mid_episode_continues_as_the_uninterrupted_policy(memory, kv):
+    """state_dict after 5 steps (through safetensors), loaded into a new policy made alike: the rest of
+    the episode (past a full/int8 memory's rewind) has the same actions, log-probabilities and contexts
+    bit for bit; a policy of another memory size refuses it, unchanged."""
+    import copy
+
+    policy, world = make_policy(n=3, memory=memory, kv=kv), World(WORLD, 3, seed=2)
+    policy.reset(3)
+    for _ in range(5):
+        world.step(policy.act(world.observe(), world.alive.copy()))
+    state = load(save(policy.state_dict()))
+    other, other_world = make_policy(n=3, memory=memory, kv=kv), copy.deepcopy(world)
+    other.reset(3)
+    other.load_state_dict(state)
+    for _ in range(9):
+        actions = policy.act(world.observe(), world.alive.copy())
+        assert np.array_equal(actions, other.act(other_world.observe(), other_world.alive.copy()))
+        assert np.array_equal(policy.last_context, other.last_context)
+        np.testing.assert_array_equal(policy.last_logprob, other.last_logprob)
+        world.step(actions)
+        other_world.step(actions)
+    mismatched = make_policy(n=3, memory=memory + 1, kv=kv)
+    mismatched.reset(3)
+    before = mismatched.state_dict()
+    with pytest.raises(H2QError, match="does not fit"):
+        mismatched.load_state_dict(state)
+    torch.testing.assert_close(mismatched.state_dict(), before, rtol=0, atol=0, equal_nan=True)
+
+
 def test_single_agent_learns_a_rewarded_action():
     """One agent, one fixed observation, reward 1 for P (pick up) only. A random-init tiny base's tied
     head caps logit gaps near 1, so the policy samples at temperature 0.1 to be able to commit."""

@@ -64,6 +64,33 @@ def test_policies_run_on_the_example_world():
     assert stats.steps == 40 and stats.eaten.tolist() == pytest.approx(40 * stats.fitness)
 
 
+def test_lora_agents_live_and_learn_on_the_example_world():
+    """The 20-agent machinery is not the grid's: LoRA agents on a tiny base act on the example world's
+    bytes and its own action bytes, and the learner updates their adapters from its rewards."""
+    import torch
+
+    from h2q.config import PRESETS
+    from h2q.evolve.agent import AgentConfig, AgentPolicy, make_bank
+    from h2q.evolve.learner import Learner, LearnerConfig
+    from h2q.lora import freeze_base
+    from h2q.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny"])
+    freeze_base(model)
+    env = LineEnv(n_agents=4, width=9, steps=40)
+    bank = make_bank(model, env.num_agents, AgentConfig(rank=2))
+    policy = AgentPolicy(model, bank, AgentConfig(rank=2), prefix=b"<> walk E eat:\n", obs_len=env.obs_len,
+                         actions=env.action_bytes)
+    learner = Learner(policy, LearnerConfig(update_every=4, lag=2, buffer=16, warmup=0))
+    before = [p.detach().clone() for p in bank.parameters()]
+    env.reset(seed=0)
+    stats = run_episode(env, policy, learner=learner)
+    assert stats.steps == 40 and stats.fitness.shape == (4,)
+    assert learner.updates > 0 and any(not torch.equal(a, b) for a, b in zip(before, bank.parameters()))
+    assert set(np.frombuffer(policy.prev_action.tobytes(), dtype=np.uint8)) <= set(env.action_bytes)
+
+
 @pytest.mark.parametrize("level", ["hinted", "view"])
 def test_grid_world_through_the_interface(level):
     cfg = replace(GRID, level=level)

@@ -227,13 +227,16 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("memory", [{}, {"memory": 1, "world": "view", "window": 3}])  # tiny: 64 bytes of context
+def test_resume_equals_an_uninterrupted_run(memory, tmp_path, monkeypatch):
     """2 cycles straight == Ctrl-C in cycle 2 (after its life), plus what a kill while writing cycle 2's
-    records would leave, then --resume: same records and adapters. Lives of 12 ticks: the learner
-    first updates at tick 16, so cycle 2 depends on its saved state."""
+    records would leave, then --resume: same records and adapters, also with agents' memories
+    (--memory, their KV caches). Lives of 12 ticks: the learner first updates at tick 16, so cycle 2
+    depends on its saved state."""
     def config(out, cycles, resume=False):
         return EvolveConfig(base="random", preset="tiny", out=str(out), cycles=cycles, agents=4, steps=12,
-                            eval_episodes=1, lora_rank=2, device="cpu", threads=1, progress=False, resume=resume)
+                            eval_episodes=1, lora_rank=2, device="cpu", threads=1, progress=False, resume=resume,
+                            **memory)
 
     evolve(config(tmp_path / "a", 2), BreedConfig(pbt=True), TextConfig())
     evaluate = GridEnv.evaluate
@@ -302,3 +305,54 @@ def test_torchrun_two_processes(tmp_path):
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (out / "state").iterdir()) == ["env_c002_r0.safetensors", "env_c002_r1.safetensors",
                                                                   "evolve_state.safetensors"]
+
+
+def test_keep_cycles_prunes_only_after_the_commit(tmp_path, monkeypatch):
+    """--keep-cycles 1: a kill after cycle 2's folder is written but before its commit leaves cycle 1's
+    folder (the committed one) for readers and resume; after a full run only the newest folder is left."""
+    def config(out, cycles, resume=False):
+        return EvolveConfig(base="random", preset="tiny", out=str(out), cycles=cycles, agents=4, steps=4,
+                            eval_episodes=1, lora_rank=2, device="cpu", threads=1, progress=False,
+                            keep_cycles=1, resume=resume)
+
+    from h2q.evolve import records
+    save_state = records.save_state
+
+    def killed_at_commit_2(out, cycle, *args, **kwargs):
+        if cycle == 2:
+            raise KeyboardInterrupt
+        return save_state(out, cycle, *args, **kwargs)
+
+    monkeypatch.setattr(records, "save_state", killed_at_commit_2)
+    assert evolve(config(tmp_path, 2), BreedConfig(), TextConfig())["interrupted"]
+    monkeypatch.undo()
+    assert records.committed(tmp_path)[0] == 1
+    assert list(records.committed_cycles(tmp_path)) == [1]
+    assert (tmp_path / "cycle_001" / "agent_00" / checkpoint.ADAPTER_FILE).is_file()
+    evolve(config(tmp_path, 3, resume=True), BreedConfig(), TextConfig())
+    assert sorted(records.cycle_dirs(tmp_path)) == [3]
+
+
+def test_threads_are_measured_when_not_given(tmp_path, monkeypatch, capsys):
+    """--threads 0: the runner takes h2q.perf's measured choice (here an injected probe that finds one
+    thread faster, as on a busy CPU) and records it per cycle."""
+    from h2q import perf
+    from h2q.evolve import run
+
+    class BusyMachine(perf.ThreadPolicy):
+        def __init__(self, requested=0):
+            super().__init__(requested, probe=lambda threads: 1.0 if threads == 1 else 3.0, env={})
+
+    monkeypatch.setattr(run, "ThreadPolicy", BusyMachine)
+    monkeypatch.setattr(perf.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    cfg = EvolveConfig(base="random", preset="tiny", out=str(tmp_path), cycles=1, agents=2, steps=2,
+                       eval_episodes=1, lora_rank=2, device="cpu", threads=0, progress=False)
+    try:
+        evolve(cfg, BreedConfig(), TextConfig())
+    finally:
+        torch.set_num_threads(1)
+    assert "threads 1 of 2 (measured)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["threads"] == 1
+    agents = json.loads((tmp_path / "population.json").read_text())["agents"]
+    assert all(set(a["scores"]) == {"pct_oracle", "normalised"} and len(a["scores"]["pct_oracle"]) == 1
+               for a in agents)  # what the report's agent table shows

@@ -164,6 +164,26 @@ def test_evicting_policies_equal_full_while_under_budget(policy):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("policy,length", [("full", 64), ("window", 60), ("h2o", 32)])
+def test_chunked_prefill_equals_one_forward(policy, length):
+    """Where the policy allows it (nothing evicted, nothing quantized on the way: int8/int4 read
+    their own earlier chunks quantized, so chunking changes their logits within the documented
+    tolerance), prefill in chunks of any size gives the logits of one forward, and a cache that
+    decodes the same next steps."""
+    model = tiny_model(sharpen=4.0)
+    prompts = [random_ids(length, seed=1).tolist(), random_ids(length - 9, seed=2).tolist()]
+    steps = random_ids(2, 4 if policy == "full" else 8, seed=3)
+    whole = make_cache(policy, CFG, 2, 64 + steps.shape[1] * (policy == "full"))
+    expected = [prefill(model, whole, prompts, chunk=length)]
+    expected += [model(steps[:, t:t + 1], cache=whole)[:, -1] for t in range(steps.shape[1])]
+    for chunk in (1, 5, 16):
+        cache = make_cache(policy, CFG, 2, whole.max_len)
+        logits = [prefill(model, cache, prompts, chunk=chunk)]
+        logits += [model(steps[:, t:t + 1], cache=cache)[:, -1] for t in range(steps.shape[1])]
+        assert (torch.stack(logits) - torch.stack(expected)).abs().max() <= 1e-4
+
+
+@torch.inference_mode()
 def test_window_keeps_sinks_and_recent_tokens():
     model = tiny_model()
     cache = make_cache("window", CFG, 1, 16, sinks=4)

@@ -6,7 +6,7 @@ batch-1 KV cache that every forward reuses (kvcache prefix sharing; the prefix i
 encoding, no adapter touches it, so one copy serves all agents and all adapter updates). Each agent's
 observation bytes (fixed width per world level, h2q/evolve/world.py) are its row of one (n_alive, obs_len) forward;
 row b runs with adapter `slots[agent b]` (the bank's per-row index, Punica-style), no Python loop
-over agents. The last position's logits, restricted to the 8 action bytes and divided by the
+over agents. The last position's logits, restricted to the world's action bytes and divided by the
 temperature, are sampled with `h2q.generate.sample_next`; temperature 0 acts greedily.
 
 Memory (`memory=K`): each agent's recent history stays in its own KV cache, so a step feeds only
@@ -17,6 +17,8 @@ and 2K lines, and when full they are rewound and the last K lines fed again in o
 agents ride along as PAD. History keys/values were computed at their own step, with that step's
 adapter (and, for `window`, with older lines still in view); the learner recomputes each decision's
 context from its bytes with the current adapter, and PPO's ratio absorbs the small difference.
+Memories last one episode (`reset` empties them), so evolve's state at a cycle boundary holds none;
+`state_dict()`/`load_state_dict()` snapshot an episode in progress, memory cache included.
 
 Every decision leaves `last_context` (the exact bytes the row decided on after the prefix,
 left-padded with PAD) and `last_logprob`, which the learner stores and trains on.
@@ -30,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from h2q.config import check_options, option
-from h2q.errors import ConfigError
-from h2q.evolve.world import ACTIONS, OBS_LEN, WAIT
+from h2q.errors import ConfigError, H2QError
+from h2q.evolve.world import ACTIONS, OBS_LEN
 from h2q.generate import sample_next
 from h2q.kvcache import make_cache
 from h2q.lora import AdapterBank, LoraConfig
@@ -75,14 +77,17 @@ class AgentPolicy:
     evolve's base is."""
 
     def __init__(self, model: Transformer, bank: AdapterBank, cfg: AgentConfig = AgentConfig(),
-                 prefix: bytes = PREFIX, obs_len: int = OBS_LEN, slots=None):
+                 prefix: bytes = PREFIX, obs_len: int = OBS_LEN, slots=None, actions: bytes = ACTIONS):
         self.model = model
         weight = model.embed.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.slots = torch.arange(bank.n, device=self.device) if slots is None else \
             torch.as_tensor(list(slots), device=self.device)
         self.bank, self.cfg, self.n = bank, cfg, len(self.slots)
-        self.action_ids = torch.tensor(list(ACTIONS), device=self.device)
+        # any world's action bytes (env.action_bytes); the last one is the no-op the dead take, as the
+        # grid's `Z` wait
+        self.actions, self.idle = actions, len(actions) - 1
+        self.action_ids = torch.tensor(list(actions), device=self.device)
         self.obs_len, self.step_len = obs_len, obs_len + 2  # a memory step: previous action, b"\n", observation
         self.prefix_len = len(prefix)
         self.prefix_ids = torch.tensor([list(prefix)], device=self.device)  # (1, P)
@@ -101,7 +106,7 @@ class AgentPolicy:
     # ---- one forward for many rows ---------------------------------------------------------------
     def action_logits(self, ids: torch.Tensor, agents, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Context bytes after the prefix, (B, T) ids left-padded with PAD where `valid` (B, T) is
-        False, for agents `agents` (B,) -> raw logits of the 8 action bytes at the last position, (B, 8).
+        False, for agents `agents` (B,) -> raw logits of the action bytes at the last position, (B, A).
         Differentiable in the bank's tensors."""
         B, T = ids.shape
         cache = make_cache("full", self.model.config, B, T, self.device, self.dtype, prefix=self.prefix_cache)
@@ -121,7 +126,7 @@ class AgentPolicy:
         self.t = 0
         self.inputs: list[np.ndarray] = []  # per step, what the memory cache was fed, (n, w) each
         self.ctx_start = 0  # first step whose input is in the memory context
-        self.prev_action = np.full(self.n, ACTIONS[WAIT], dtype=np.uint8)
+        self.prev_action = np.full(self.n, self.actions[self.idle], dtype=np.uint8)
         self.last_context = np.full((self.n, self.context_width), PAD, dtype=np.int64)
         self.last_logprob = np.full(self.n, np.nan)
         self.memory_cache = None
@@ -129,9 +134,9 @@ class AgentPolicy:
             self.memory_cache = self._new_memory_cache()
 
     def act(self, obs: np.ndarray, alive: np.ndarray) -> np.ndarray:
-        """(n, obs_len) observations, (n,) alive mask -> (n,) action indices (WAIT for the dead)."""
+        """(n, obs_len) observations, (n,) alive mask -> (n,) action indices (the no-op for the dead)."""
         rows = np.flatnonzero(alive)
-        actions = np.full(self.n, WAIT, dtype=np.int64)
+        actions = np.full(self.n, self.idle, dtype=np.int64)
         self.last_logprob = np.full(self.n, np.nan)
         with torch.no_grad():
             if self.cfg.memory:
@@ -147,7 +152,7 @@ class AgentPolicy:
                 logprob = logprob.masked_fill(broken, float("nan"))  # nothing to learn from those rows
                 actions[rows] = chosen.cpu().numpy()
                 self.last_logprob[rows] = 0.0 if self.cfg.temperature == 0 else logprob.cpu().numpy()
-        self.prev_action = np.frombuffer(ACTIONS, dtype=np.uint8)[actions]
+        self.prev_action = np.frombuffer(self.actions, dtype=np.uint8)[actions]
         self.t += 1
         return actions
 
@@ -166,7 +171,7 @@ class AgentPolicy:
                           prefix=self.prefix_cache)
 
     def _memory_step(self, obs: np.ndarray, alive: np.ndarray) -> torch.Tensor:
-        """Feed this step's bytes to every row's memory cache -> raw action logits (n, 8)."""
+        """Feed this step's bytes to every row's memory cache -> raw action logits (n, A)."""
         K, cache = self.cfg.memory, self.memory_cache
         step_input = obs if self.t == 0 else np.concatenate(
             [self.prev_action[:, None], np.full((self.n, 1), ord("\n"), dtype=np.uint8), obs], axis=1)
@@ -188,6 +193,61 @@ class AgentPolicy:
         cache.set_pad_mask(valid)
         logits = self.model(ids, cache=cache, adapters=self.bank.bind(self.slots))  # (n, T, V)
         return logits[:, -1, self.action_ids].float()
+
+    # ---- state: an episode's memories, mid-episode ------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of what the policy carries between two `act` calls of an episode: the step counters,
+        every input the memory was fed, the previous actions, the last decision's context and
+        log-probabilities, the sampling generator and the memory cache (`memory.NAME`; its counters
+        in `memory_counters`, sorted by name). `reset` empties all of it."""
+        state = {"counters": torch.tensor([self.t, self.ctx_start]),
+                 "inputs": torch.from_numpy(np.concatenate([np.zeros((self.n, 0), np.uint8), *self.inputs], axis=1)),
+                 "prev_action": torch.from_numpy(self.prev_action.copy()),
+                 "last_context": torch.from_numpy(self.last_context.copy()),
+                 "last_logprob": torch.from_numpy(self.last_logprob.copy()),
+                 "generator": self.generator.get_state()}
+        if self.memory_cache is not None:
+            cache = self.memory_cache.state_dict()
+            state["memory_counters"] = torch.tensor([cache["counters"][k] for k in sorted(cache["counters"])])
+            state.update({f"memory.{k}": t for k, t in cache["tensors"].items()})
+        return state
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load a `state_dict()` of a policy made alike (same agents, memory and cache policy); the
+        policy continues the episode as the saved one would. H2QError, nothing changed, if it does
+        not fit."""
+        t, ctx_start = (int(x) for x in tensors.get("counters", torch.zeros(2)))
+        width = 0 if not self.cfg.memory or t == 0 else self.obs_len + (t - 1) * self.step_len
+        expected = {"counters": (2,), "inputs": (self.n, width), "prev_action": (self.n,),
+                    "last_context": (self.n, self.context_width), "last_logprob": (self.n,),
+                    "generator": tuple(self.generator.get_state().shape)}
+        cache = self._new_memory_cache() if self.cfg.memory else None
+        if cache is not None:
+            fresh = cache.state_dict()
+            counters = tensors.get("memory_counters", torch.zeros(0, dtype=torch.int64)).tolist()
+            if len(counters) != len(fresh["counters"]):
+                raise H2QError("agent policy state does not fit: its memory counters are not this cache's; "
+                               "it was saved for another configuration")
+            fresh["counters"] = dict(zip(sorted(fresh["counters"]), counters))
+            fresh["tensors"] = {k.removeprefix("memory."): v for k, v in tensors.items() if k.startswith("memory.")}
+            try:
+                cache.load_state_dict(fresh)  # checks the counters, names, shapes and dtypes
+            except H2QError as e:
+                raise H2QError(f"agent policy state does not fit its memory ({e}); it was saved for another "
+                               f"configuration") from None
+            expected["memory_counters"] = (len(counters),)
+        mine = {k: v for k, v in tensors.items() if not k.startswith("memory.")}
+        if mine.keys() != expected.keys() or any(tuple(mine[k].shape) != shape for k, shape in expected.items()):
+            raise H2QError(f"agent policy state does not fit (it holds {sorted(mine)} with shapes "
+                           f"{[tuple(v.shape) for v in mine.values()]}); it was saved for another configuration")
+        self.t, self.ctx_start, self.memory_cache = t, ctx_start, cache
+        inputs = tensors["inputs"].numpy().astype(np.uint8)
+        widths = [self.obs_len] + [self.step_len] * (t - 1) if width else []
+        self.inputs = np.split(inputs, np.cumsum(widths)[:-1], axis=1) if widths else []
+        self.prev_action = tensors["prev_action"].numpy().astype(np.uint8).copy()
+        self.last_context = tensors["last_context"].numpy().astype(np.int64).copy()
+        self.last_logprob = tensors["last_logprob"].numpy().astype(np.float64).copy()
+        self.generator.set_state(tensors["generator"].to(torch.uint8).cpu())
 
     # ---- accounting ------------------------------------------------------------------------------
     def nbytes(self) -> dict[str, int]:

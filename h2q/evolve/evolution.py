@@ -138,6 +138,7 @@ class Agent:
     lr: float
     temperature: float
     fitness: list[float] = field(default_factory=list)
+    scores: dict[str, list[float]] = field(default_factory=dict)  # per cycle: the env's per-agent figures
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,9 +203,13 @@ class Population:
             adapter = lora.merge_product_space([adapter], rank=self.bank.config.r)
         self.bank.set_adapter(slot, adapter)
 
-    def record_fitness(self, fitness) -> None:
-        for agent, value in zip(self.agents, fitness):
+    def record_fitness(self, fitness, per_agent: dict | None = None) -> None:
+        """Append this cycle's fitness, and the env's per-agent figures (e.g. % of the oracle), to
+        every living agent's record."""
+        for i, (agent, value) in enumerate(zip(self.agents, fitness)):
             agent.fitness.append(float(value))
+            for name, values in (per_agent or {}).items():
+                agent.scores.setdefault(name, []).append(float(values[i]))
 
     def to_json(self, cycle: int) -> dict:
         """The population.json object: the living agents and every agent ever (dead ones first)."""

@@ -140,15 +140,12 @@ def check_resumable(out: Path, config: dict, may_change: set[str]) -> None:
         raise H2QError(f"--resume: settings differ from the run in {out} ({diffs}); resume with the same flags")
 
 
-def save_cycle(out: Path, cycle: int, population: Population, model, keep_cycles: int = 0) -> None:
+def save_cycle(out: Path, cycle: int, population: Population, model) -> None:
     """cycle_NNN/agent_MM/ adapters (each at its agent's rank) and population.json, as evaluated."""
     folder = cycle_dir(out, cycle)
     for slot in range(population.n):
         checkpoint.save_adapter(agent_dir(folder, slot), population.adapter(slot), model)
     checkpoint.atomic_write_json(out / POPULATION, population.to_json(cycle))
-    if keep_cycles:
-        for old in range(1, cycle - keep_cycles + 1):
-            shutil.rmtree(cycle_dir(out, old), ignore_errors=True)
 
 
 def metrics_record(cycle: int, ev: Evaluation, life: dict[str, np.ndarray], previous_best: float | None,
@@ -193,8 +190,11 @@ def save_env_state(out: Path, cycle: int, rank: int, tensors: dict[str, torch.Te
     checkpoint.save_tensors(out / STATE_DIR / f"env_c{cycle:03d}_r{rank}.safetensors", tensors, {"cycle": str(cycle)})
 
 
-def save_state(out: Path, cycle: int, population: Population, history: list[dict], world_size: int) -> None:
-    """The commit point of a cycle (after every process saved its learner state)."""
+def save_state(out: Path, cycle: int, population: Population, history: list[dict], world_size: int,
+               keep_cycles: int = 0) -> None:
+    """The commit point of a cycle (after every process saved its learner state). Only then are older
+    learner states and, with `keep_cycles` K, the cycle folders older than the newest K removed, so a
+    kill at any point leaves the last committed cycle's folder in place."""
     folder = out / STATE_DIR
     meta = {"cycle": str(cycle), "world_size": str(world_size), "history": json.dumps(history),
             "lineage": json.dumps(population.lineage_state())}
@@ -202,6 +202,10 @@ def save_state(out: Path, cycle: int, population: Population, history: list[dict
     for old in folder.glob("env_c*_r*.safetensors"):
         if _env_cycle(old) < cycle:
             old.unlink(missing_ok=True)
+    if keep_cycles:
+        for number, old in cycle_dirs(out).items():
+            if number <= cycle - keep_cycles:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 STATE_KEYS = ("cycle", "world_size", "history", "lineage")

@@ -49,7 +49,7 @@ from h2q.evolve.render import Renderer
 from h2q.evolve.world import WorldConfig
 from h2q.lora import LINEARS, AdapterBank, LoraConfig, check_rank, freeze_base, target_shapes
 from h2q.model import Transformer
-from h2q.perf import device_memory
+from h2q.perf import ThreadPolicy, device_memory
 
 PURPOSES = {"init": 1, "live": 2, "eval": 3, "breed": 4}
 DEFAULT_STEPS = {"grid": 200, "text": 20}
@@ -85,8 +85,8 @@ class EvolveConfig:
     kv: str = option("window", "grid: KV-cache policy of that memory", choices=["window", "full", "int8"])
     seed: int = option(0, "random seed: the same seed gives the same run", at_least=0, below=2**63)
     device: str = option("auto", "auto, cpu or cuda")
-    threads: int = option(0, "torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy CPU",
-                          at_least=0)
+    threads: int = option(0, "torch CPU threads; 0 = measured: all cores, or one where a short probe finds one "
+                             "faster (a busy CPU), re-measured every 30 s", at_least=0)
     render: bool = option(False, "draw the world in the terminal while the agents live and are evaluated (rank 0)")
     resume: bool = option(False, "continue the run in --out from its last completed cycle")
     report: bool = option(False, "write OUT/report/report.html at the end (needs matplotlib)")
@@ -188,9 +188,9 @@ class Runner:
 
     def __init__(self, cfg: EvolveConfig, breed: BreedConfig, text: TextConfig):
         self.cfg, self.breed = cfg, breed
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        # a second busy process collapses torch's spinning OpenMP threads: choose by measurement
+        self.threads = ThreadPolicy(cfg.threads) if self.device.type == "cpu" else None
         self.group = Group(self.device)
         self.lead = self.group.rank == 0
         self.model = load_base(cfg, self.device)
@@ -276,6 +276,16 @@ class Runner:
         return Evaluation(self._gather(ev.fitness), per_agent, totals, refs, ev.figures, ev.files)
 
     # -- one cycle -------------------------------------------------------------------------------------
+    def _ticker(self, bar):
+        """The per-tick callback: the progress bar, and the thread choice re-measured when due."""
+        if self.threads is None:
+            return bar.update
+
+        def tick(n: int = 1) -> None:
+            bar.update(n)
+            self.threads.check()
+        return tick
+
     def cycle(self, c: int) -> dict | None:
         cfg, pop, rank = self.cfg, self.population, self.group.rank
         start = time.perf_counter()
@@ -286,18 +296,19 @@ class Runner:
                   leave=False, dynamic_ncols=True, disable=not (self.lead and cfg.progress and not cfg.render)) as bar:
             if self.render is not None and learns:
                 self.render.phase(cycle=c, cycles=cfg.cycles, phase="live")
-            life = self.env.live(agents, cfg.life_steps, seed_for(cfg.seed, c, "live", rank), bar.update) if learns else {}
+            tick = self._ticker(bar)
+            life = self.env.live(agents, cfg.life_steps, seed_for(cfg.seed, c, "live", rank), tick) if learns else {}
             self._push()
             lived = time.perf_counter()
             if self.render is not None:
                 self.render.phase(cycle=c, cycles=cfg.cycles, phase="eval", episodes=cfg.eval_episodes)
-            ev = self._gather_evaluation(self.env.evaluate(agents, seed_for(cfg.seed, c, "eval", rank), bar.update))
+            ev = self._gather_evaluation(self.env.evaluate(agents, seed_for(cfg.seed, c, "eval", rank), tick))
         phases = {"live_s": round(lived - start, 3), "eval_s": round(time.perf_counter() - lived, 3)}
         life = {k: self._gather(v) for k, v in life.items()}
         record, replaced = None, []
         if self.lead:
-            pop.record_fitness(ev.fitness)
-            records.save_cycle(self.out, c, pop, self.model, cfg.keep_cycles)
+            pop.record_fitness(ev.fitness, ev.per_agent)
+            records.save_cycle(self.out, c, pop, self.model)
             for name, content in ev.files.items():
                 checkpoint.atomic_write_json(records.cycle_dir(self.out, c) / name, content)
             spread = diversity(pop.bank)
@@ -311,6 +322,7 @@ class Runner:
                                             mean_rank=float(np.mean([a.rank for a in pop.agents])), **phases,
                                             wall_s=round(time.perf_counter() - start, 3),
                                             strategy=self.breed.strategy, env=cfg.env, best_slot=best_slot,
+                                            threads=self.threads.threads if self.threads is not None else None,
                                             best_agent=self.history[-1]["agent"], **ev.figures,
                                             **(pop.es.last if pop.es is not None else {}))
             records.append_metrics(self.out, record)
@@ -338,7 +350,7 @@ class Runner:
         records.save_env_state(self.out, c, self.group.rank, self.env.state_tensors())
         self.group.barrier()
         if self.lead:
-            records.save_state(self.out, c, self.population, self.history, self.group.size)
+            records.save_state(self.out, c, self.population, self.history, self.group.size, self.cfg.keep_cycles)
         self.group.barrier()
         self.done = c
 
@@ -380,6 +392,8 @@ def run_cycles(runner: Runner, cfg: EvolveConfig, breed: BreedConfig, on_cycle=N
     interrupted = False
     if runner.lead:
         where = f"{runner.group.size} processes" if runner.group.size > 1 else str(runner.device)
+        if runner.threads is not None:
+            where += f", threads {runner.threads.describe()}"
         base = f"{cfg.base}{f' ({cfg.preset}, untrained)' if cfg.base == 'random' else ''}" + \
             (f", {cfg.quant}" if cfg.quant != "none" else "")
         todo = f"cycles {runner.done + 1}..{cfg.cycles}" if runner.done < cfg.cycles else \
