@@ -320,6 +320,7 @@ CASES = [
     Case("NaN weights: quantize", "quantize", ["--ckpt", "nanbase", "--out", "q"], "nanbase"),
     Case("NaN weights: train --init-from", "train", train_args("fresh", 2, "--init-from", "nanbase", "--lora-rank", "4"),
          "nanbase"),
+    Case("NaN weights: infer", "infer", ["--ckpt", "nanbase", *INFER_LORA[4:]], "nanbase"),
     Case("NaN weights: evolve --base", "evolve", ["--base", "nanbase", "--cycles", "1", "--out", "fresh", *EVOLVE],
          "nanbase"),
     # corrupt, truncated, bit-flipped, retyped files
