@@ -9,15 +9,22 @@ shared-prefix cache of agents, say; rewind it with `cache.truncate` afterwards);
 `cache_policy` is made, sized for the prompt and the new tokens (full/int8/int4 refuse to run past
 the model's context; window/h2o hold the context's worth of tokens and stream on).
 
-`sample_next` is the one sampler: temperature scaling, top-k (Fan et al. 2018), then nucleus top-p
-(Holtzman et al. 2020), then one multinomial draw from `generator`; temperature 0 is greedy argmax.
-A seed makes a run reproducible. `on_token` streams each new token id as soon as it is sampled;
-`TextStreamer` turns that into text without splitting a UTF-8 character (or write `bytes([id])` to a
-binary stream to pass the bytes on raw).
+`sample_next` is the one sampler, in llama.cpp's and Hugging Face's order: the repetition penalty on
+the raw logits (llama.cpp's `--repeat-penalty`: over the distinct ids of the last `--repeat-last-n`
+tokens, a positive logit is divided by the penalty and a negative one multiplied by it, Keskar et al.
+2019), temperature, top-k (Fan et al. 2018), nucleus top-p (Holtzman et al. 2020), min-p (Nguyen et
+al. 2024: drop the ids whose probability is below min_p times the top one), then one multinomial draw
+from `generator`; temperature 0 is greedy argmax of the penalized logits. Logits holding NaN or +inf
+(broken weights) are an error with its cause, never a draw from a broken distribution. A seed makes
+a run reproducible. `on_token` streams each new token id as soon as it is sampled; `TextStreamer`
+turns that into text without splitting a UTF-8 character (or write `bytes([id])` to a binary stream to
+pass the bytes on raw). The library's sampling defaults leave the penalty and min-p off; infer.py's
+defaults are the choice of scripts/sweep_sampling.py.
 
 `decode` is the one decode loop, shared by `generate_batch` and the chat's persistent conversation
 (h2q/session.py): it samples from the last logits, yields the ids, and feeds them back through the
-cache when asked for the next ones.
+cache when asked for the next ones; it keeps each row's penalty window, starting from the text the
+caller gives as `history`.
 
 `compile=True` runs the decode steps through `torch.compile(model, dynamic=True)` (prefill stays
 eager): one graph per cache policy and batch shape, compiled at the first step and kept for the
@@ -39,11 +46,22 @@ from h2q.kvcache import KVCache, make_cache, policies, prefill
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (..., V) -> sampled ids (...), long."""
+                top_p: float | None = None, generator: torch.Generator | None = None, *,
+                min_p: float | None = None, repeat_penalty: float = 1.0,
+                recent: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (..., V) -> sampled ids (...), long. `recent` (..., n): the ids the penalty applies to
+    (PAD as filler is harmless: PAD is never sampled)."""
+    if not bool((logits < math.inf).all()):  # NaN or +inf; -inf is a masked id
+        raise H2QError("the model's logits hold NaN or inf, so there is nothing to sample from: its weights "
+                        "(or the adapter's) are broken; retrain or restore the checkpoint")
+    logits = logits.float()
+    if repeat_penalty != 1.0 and recent is not None and recent.shape[-1]:
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter_(-1, recent, True)
+        logits = torch.where(seen, torch.where(logits > 0, logits / repeat_penalty, logits * repeat_penalty), logits)
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # shifted to a maximum of 0 first, so a tiny temperature gives -inf (never NaN) below the top id
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth_best = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_best, -math.inf)
@@ -52,18 +70,38 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         probs = sorted_logits.softmax(-1)
         beyond = probs.cumsum(-1) - probs >= top_p  # mass before a token already reaches top_p
         logits = logits.masked_fill(torch.zeros_like(beyond).scatter_(-1, order, beyond), -math.inf)
+    if min_p:  # p < min_p * p_top  <=>  logit < log(min_p) + the top logit, which is 0 here
+        logits = logits.masked_fill(logits < math.log(min_p), -math.inf)
     probs = logits.softmax(-1)
     flat = probs.reshape(-1, probs.shape[-1])  # (N, V)
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0:
-        raise H2QError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None = None,
+                   repeat_penalty: float = 1.0, repeat_last_n: int = 0) -> None:
+    if not 0 <= temperature < math.inf:
+        raise H2QError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise H2QError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise H2QError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise H2QError(f"min_p must be in [0, 1], got {min_p}")
+    if not 0 < repeat_penalty < math.inf:
+        raise H2QError(f"repeat_penalty must be a finite number > 0 (1 = off), got {repeat_penalty}")
+    if repeat_last_n < -1:
+        raise H2QError(f"repeat_last_n must be >= -1 (0 = off, -1 = all the text so far), got {repeat_last_n}")
+
+
+def recent_ids(histories: list[list[int]], n: int, device=None) -> torch.Tensor:
+    """The last `n` ids of each row's text (-1: all of it), left-filled with PAD -> (B, n') long."""
+    rows = [list(h) if n < 0 else list(h)[max(0, len(h) - n):] if n else [] for h in histories]
+    width = max(map(len, rows), default=0)
+    out = torch.full((len(rows), width), tokenizer.PAD, dtype=torch.long)  # (B, n')
+    for b, row in enumerate(rows):
+        if row:
+            out[b, width - len(row):] = torch.tensor(row)
+    return out.to(device)
 
 
 class TextStreamer:
@@ -120,9 +158,10 @@ COMPLEX_NOTICE = "Torchinductor does not support code generation for complex"
 
 def compiled_decoder(model):
     """`model` under torch.compile with dynamic shapes, made once per model and reused, so the cache
-    length growing by one each step does not recompile. Float weights only: with h2q/quant.py's
-    int8/int4 layers the compiled model gave wrong logits. Compilation happens inside a call, so
-    every call silences inductor's complex-number notice for its own duration only."""
+    length growing by one each step does not recompile; float weights and h2q/quant.py's int8/int4
+    layers alike (compiled and eager give the same greedy bytes: tests/test_generate.py). Compilation
+    happens inside a call, so every call silences inductor's complex-number notice for its own
+    duration only."""
     if model not in _compiled:
         compiled = torch.compile(model, dynamic=True)
 
@@ -135,22 +174,32 @@ def compiled_decoder(model):
 
 
 def decode(decoder, cache: KVCache, logits: torch.Tensor, *, adapters=None, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None,
+           top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+           repeat_penalty: float = 1.0, repeat_last_n: int = 0, history: list[list[int]] | None = None,
            generator: torch.Generator | None = None) -> Generator[torch.Tensor, torch.Tensor | None, None]:
     """The decode loop: from `logits` (B, V), the last logits of what `cache` holds, sample ids (B,)
     and yield them; on resuming, feed those ids (or the ids the caller `send`s instead, e.g. PAD for
     finished rows) through `decoder` and the cache for the next step's logits. The caller stops when
-    it has enough, so the last sampled ids are never fed back. Run it under torch.inference_mode()."""
+    it has enough, so the last sampled ids are never fed back. `history`: each row's text so far, the
+    start of the repetition penalty's window. Run it under torch.inference_mode()."""
+    penalized = repeat_penalty != 1.0 and repeat_last_n != 0
+    recent = recent_ids(history or [[] for _ in range(logits.shape[0])], repeat_last_n, logits.device) \
+        if penalized else None  # (B, n)
     while True:
         logits[:, tokenizer.PAD] = -math.inf  # filler is never generated
-        tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        tokens = sample_next(logits, temperature, top_k, top_p, generator, min_p=min_p,
+                             repeat_penalty=repeat_penalty, recent=recent)  # (B,)
+        if penalized:
+            recent = torch.cat([recent, tokens[:, None]], 1)  # (B, n + 1)
+            recent = recent[:, -repeat_last_n:] if repeat_last_n > 0 else recent
         fed = yield tokens
         tokens = tokens if fed is None else fed
         logits = decoder(tokens[:, None], cache=cache, adapters=adapters)[:, -1]  # (B, V)
 
 
 def generate_batch(model, prompts: list, max_new_tokens: int = 256, *, temperature: float = 1.0,
-                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                   top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                   repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
                    stop: Iterable[int] = (tokenizer.EOT,), cache_policy: str = "full",
                    cache_len: int | None = None, cache_opts: dict | None = None, adapters=None,
                    on_token: Callable[[int, int], object] | None = None,
@@ -159,8 +208,8 @@ def generate_batch(model, prompts: list, max_new_tokens: int = 256, *, temperatu
     `on_token(row, id)` is called for each new token; `stop` is a set of ids (e.g. b"\\n" or (EOT,)).
     A new cache of `cache_policy` is made unless `cache` is given: then the prompts continue what it
     holds (the caller owns it and may truncate or reuse it afterwards). `compile`: decode steps through
-    `compiled_decoder(model)`."""
-    check_sampling(temperature, top_k, top_p)
+    `compiled_decoder(model)`. The repetition penalty's window starts with each prompt's last bytes."""
+    check_sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
     if max_new_tokens < 0:
         raise H2QError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if cache_policy not in policies():
@@ -183,7 +232,8 @@ def generate_batch(model, prompts: list, max_new_tokens: int = 256, *, temperatu
     with torch.inference_mode():
         logits = prefill(model, cache, ids, adapters)  # (B, V)
         steps = decode(decoder, cache, logits, adapters=adapters, temperature=temperature, top_k=top_k,
-                       top_p=top_p, generator=generator)
+                       top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                       history=ids, generator=generator)
         fed = None
         for step in range(max_new_tokens):
             tokens = steps.send(fed)  # (B,); the first send(None) starts the loop
@@ -208,7 +258,8 @@ def generate_batch(model, prompts: list, max_new_tokens: int = 256, *, temperatu
 
 def generate(model, prompt: str | bytes | Iterable[int], max_new_tokens: int = 256, *,
              on_token: Callable[[int], object] | None = None, **options) -> list[int]:
-    """One prompt -> its new ids; `options` as for `generate_batch` (temperature, top_k, top_p, seed,
-    stop, cache_policy, cache_len, cache_opts, adapters, cache); `on_token(id)` streams each new id."""
+    """One prompt -> its new ids; `options` as for `generate_batch` (temperature, top_k, top_p, min_p,
+    repeat_penalty, repeat_last_n, seed, stop, cache_policy, cache_len, cache_opts, adapters, cache,
+    compile); `on_token(id)` streams each new id."""
     stream = None if on_token is None else (lambda row, token: on_token(token))
     return generate_batch(model, [prompt], max_new_tokens, on_token=stream, **options)[0]

@@ -17,6 +17,10 @@ through two small protocols:
 * adapters: `adapters(key, x, y) -> y'` returns the output `y` of linear module `key` (its path in
   `named_modules()`, e.g. "layers.0.attn.q_proj") on input `x` plus the adapter's contribution.
 
+Under CPU autocast the causal attention of a training forward runs in float32 (`causal_attention`):
+torch's bf16 attention backward on CPU is slower than float32, while the linears around it gain from
+bf16 (measured in the README's training section), so autocast applies to the linears alone.
+
 Quantization swaps `nn.Linear` modules for quantized ones from outside (h2q/quant.py); the names and
 the adapter keys stay the same.
 
@@ -51,6 +55,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     blocks = weight.view(2, -1, weight.shape[1])  # (2, N/2, K)
     y = torch.bmm(blocks, x.reshape(rows, -1).T.expand(2, -1, -1))  # (2, N/2, rows)
     return y.permute(2, 0, 1).reshape(*x.shape[:-1], weight.shape[0])  # (..., N)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA over (B, nh, T, hs) tensors; in float32 under CPU autocast (module docstring)."""
+    if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
 
 
 class Linear(nn.Linear):
@@ -129,7 +141,7 @@ class Attention(AdaptedLinears):
         v = heads(self._linear("v_proj", x, adapters))
         if cache is None:
             q, k = rotary.rotate(q, *cos_sin), rotary.rotate(k, *cos_sin)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = causal_attention(q, k, v)
         else:
             q, k, v, mask = cache.update(self.layer, q, k, v, rotary)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)

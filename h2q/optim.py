@@ -9,6 +9,9 @@ steps exactly as a one-slot bank would: the bias corrections are computed per sl
 double precision, so no slot's numbers depend on where it sits in a vectorised kernel.
 `state_dict()` is tensors only, for safetensors.
 
+`Optimizers` steps several torch optimizers over disjoint parameters as one (Muon on the hidden
+matrices with AdamW on the rest, as modded-nanogpt does), with one torch-format state_dict.
+
 `torch_state_to_tensors` / `torch_state_from_tensors` turn a torch.optim state_dict into flat tensors
 plus its param groups as JSON (safetensors metadata holds strings only) and back.
 """
@@ -103,6 +106,52 @@ class BankAdamW:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.m, *self.v, self.steps])
+
+
+class Optimizers:
+    """torch optimizers over disjoint parameters, stepped, zeroed and saved as one. `param_groups`
+    lists every group of every optimizer, in order; `state_dict()` is torch's format with the
+    parameters numbered across all of them, so what saves one torch optimizer saves this."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:  # read afresh: torch's load_state_dict replaces the groups
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        state, groups, offset = {}, [], 0
+        for o in self.optimizers:
+            own = o.state_dict()
+            state.update({index + offset: s for index, s in own["state"].items()})
+            groups += [{**g, "params": [index + offset for index in g["params"]]} for g in own["param_groups"]]
+            offset += sum(len(g["params"]) for g in own["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Split a `state_dict()` back by optimizer (its groups must match them one for one)."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise H2QError(f"optimizer state has {len(groups)} param groups, this run has {len(self.param_groups)}; "
+                           f"it was saved for another --optimizer")
+        offset, first = 0, 0
+        for o in self.optimizers:
+            own = groups[first:first + len(o.param_groups)]
+            count = sum(len(g["params"]) for g in own)
+            o.load_state_dict({
+                "state": {index - offset: s for index, s in state_dict["state"].items()
+                          if offset <= index < offset + count},
+                "param_groups": [{**g, "params": [index - offset for index in g["params"]]} for g in own]})
+            offset, first = offset + count, first + len(o.param_groups)
 
 
 def torch_state_to_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], str]:

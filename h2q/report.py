@@ -257,7 +257,7 @@ def _plot_schedule(rows: list[dict], log: dict | None, path: Path) -> Path:
         known = {f.name for f in fields(TrainConfig)}  # a log from another version may differ in flags
         cfg = TrainConfig(**{k: v for k, v in log["train_config"].items() if k in known})
         steps = int(log["max_steps"])
-        ax.plot(range(1, steps + 1), [lr_at(s, cfg, steps) for s in range(steps)], label="schedule (warmup + cosine)")
+        ax.plot(range(1, steps + 1), [lr_at(s, cfg, steps) for s in range(steps)], label="schedule (warmup-stable-decay)")
     ax.plot(*_series(rows, "step", "lr"), "o", markersize=4, label="logged at evaluations")
     ax.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))

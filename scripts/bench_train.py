@@ -109,7 +109,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--presets", default="tiny,mini,small", help="presets for the throughput table")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="batch of the throughput table")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per preset")
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
     p.add_argument("--budget-min", type=float, default=5.0, help="wall-clock minutes per budget run (0 = skip)")
@@ -150,7 +150,7 @@ def main(argv=None):
     for preset in args.budget_presets.split(","):
         with tempfile.TemporaryDirectory() as out:
             summary = train(TrainConfig(preset=preset, time_budget=args.budget_min, out=out, device=str(device),
-                                        batch_size=args.batch_size, eval_every=10**9, progress=False))
+                                        eval_every=10**9, progress=False))  # train.py's own recipe
         print(f"| {preset} | {args.budget_min:g} min | {summary['steps']} | {summary['tokens_seen']:,} "
               f"| {summary['final']['val_bpb']:.4f} |", flush=True)
     return 0

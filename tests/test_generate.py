@@ -1,6 +1,9 @@
 """Generation: greedy is deterministic and matches recomputation, seeds reproduce, stop bytes stop,
 top-k 1 is greedy, batches equal single prompts, the decode loop continues a kept cache, `window`
-streams past the context in fixed memory, and no warning filter is changed behind the caller's back."""
+streams past the context in fixed memory, and no warning filter is changed behind the caller's back.
+The sampler: llama.cpp's repetition penalty and min-p on hand-made logits, the penalty's window in
+generation against a recomputing reference, non-finite logits refused, quantized weights compiled."""
+import copy
 import os
 import subprocess
 import sys
@@ -13,9 +16,19 @@ import torch
 from h2q import tokenizer
 from h2q.config import PRESETS
 from h2q.errors import H2QError
-from h2q.generate import COMPLEX_NOTICE, TextStreamer, compiled_decoder, decode, generate, generate_batch, sample_next
+from h2q.generate import (
+    COMPLEX_NOTICE,
+    TextStreamer,
+    compiled_decoder,
+    decode,
+    generate,
+    generate_batch,
+    recent_ids,
+    sample_next,
+)
 from h2q.kvcache import make_cache, prefill
 from h2q.model import Transformer
+from h2q.quant import quantize
 
 CFG = PRESETS["tiny"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +169,90 @@ def test_sample_next_shapes_and_greedy():
 
 
 def test_bad_sampling_options_are_user_errors(model):
-    for options in ({"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"cache_policy": "zip"}):
+    for options in ({"temperature": -1}, {"temperature": float("inf")}, {"temperature": float("nan")}, {"top_k": 0},
+                    {"top_p": 0.0}, {"min_p": 1.5}, {"repeat_penalty": 0.0}, {"repeat_penalty": float("inf")},
+                    {"repeat_last_n": -2}, {"cache_policy": "zip"}):
         with pytest.raises(H2QError):
             generate(model, "x", 3, **options)
+
+
+# -- the sampler's guards ----------------------------------------------------------------------------
+def test_repeat_penalty_divides_positive_and_multiplies_negative_logits():
+    """llama.cpp's meaning: each distinct id of the window once, however often it occurs there."""
+    logits = torch.tensor([[3.0, 2.0, -1.0, -1.5]])
+    assert int(sample_next(logits, 0)) == 0
+    assert int(sample_next(logits, 0, repeat_penalty=2.0, recent=torch.tensor([[0]]))) == 1  # 3 / 2 < 2
+    assert int(sample_next(logits, 0, repeat_penalty=2.0, recent=torch.tensor([[0, 0, 0, 0]]))) == 1  # not 3 / 16
+    assert int(sample_next(logits, 0, repeat_penalty=1.4, recent=torch.tensor([[0]]))) == 0  # 3 / 1.4 > 2
+    negative = torch.tensor([[-1.0, -1.5]])
+    assert int(sample_next(negative, 0, repeat_penalty=2.0, recent=torch.tensor([[0]]))) == 1  # -1 * 2 < -1.5
+    assert int(sample_next(negative, 0, repeat_penalty=2.0, recent=torch.tensor([[1]]))) == 0
+    # the sampled distribution: penalized logits (2 / 2, 0.5) against the untouched id 1's 1.0
+    draws = sample_next(torch.tensor([2.0, 1.0]).expand(20000, 2), 1.0, repeat_penalty=2.0,
+                        recent=torch.zeros(20000, 1, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    assert abs(float(draws.float().mean()) - 0.5) < 0.02  # logits 1.0 and 1.0: an even draw
+
+
+def test_min_p_drops_ids_below_its_share_of_the_top_probability():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(40000, 4)
+    draws = sample_next(logits, 1.0, min_p=0.2, generator=torch.Generator().manual_seed(0))  # cut at 0.1
+    counts = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert counts[3] == 0 and counts[2] > 0
+    torch.testing.assert_close(counts[:3], probs[:3] / probs[:3].sum(), atol=0.01, rtol=0)
+    draws = sample_next(logits, 1.0, min_p=0.5, generator=torch.Generator().manual_seed(0))  # cut at 0.25
+    assert set(draws.tolist()) == {0, 1}
+    # on the temperature-scaled distribution: at temperature 2 the ratios are square roots
+    draws = sample_next(logits, 2.0, min_p=0.5, generator=torch.Generator().manual_seed(0))  # sqrt(.15/.5) > .5
+    assert set(draws.tolist()) == {0, 1, 2}
+    assert int(sample_next(logits[0], 1.0, min_p=1.0)) == 0  # min-p 1 keeps the top id alone
+
+
+def test_recent_ids_are_the_window_left_filled_with_pad():
+    rows = recent_ids([[1, 2, 3, 4, 5], [7], []], 3)
+    assert rows.tolist() == [[3, 4, 5], [tokenizer.PAD, tokenizer.PAD, 7], [tokenizer.PAD] * 3]
+    assert recent_ids([[1, 2, 3]], -1).tolist() == [[1, 2, 3]] and recent_ids([[1, 2]], 0).shape == (1, 0)
+
+
+@torch.inference_mode()
+def penalized_greedy_by_recompute(model, prompt: list[int], n: int, penalty: float, last_n: int) -> list[int]:
+    """The reference: whole sequence each step, llama.cpp's penalty over the last `last_n` ids of
+    prompt and output, argmax."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([ids]))[0, -1].tolist()
+        for i in set(ids[-last_n:]):
+            logits[i] = logits[i] / penalty if logits[i] > 0 else logits[i] * penalty
+        logits[tokenizer.PAD] = float("-inf")
+        ids.append(max(range(len(logits)), key=logits.__getitem__))
+    return ids[len(prompt):]
+
+
+def test_generation_penalizes_the_window_of_prompt_and_output(model):
+    prompt = b"aaaa bbbb"
+    for penalty, last_n in [(1.5, 4), (3.0, 16)]:
+        expected = penalized_greedy_by_recompute(model, list(prompt), 20, penalty, last_n)
+        got = generate(model, prompt, 20, temperature=0, stop=(), repeat_penalty=penalty, repeat_last_n=last_n)
+        assert got == expected
+    assert generate(model, prompt, 20, temperature=0, stop=(), repeat_penalty=3.0, repeat_last_n=0) == \
+        generate(model, prompt, 20, temperature=0, stop=())  # a window of 0 is off
+
+
+def test_non_finite_logits_are_a_clear_error_and_tiny_temperatures_are_greedy():
+    for bad in (float("nan"), float("inf")):
+        logits = torch.zeros(2, 258)
+        logits[1, 7] = bad
+        for temperature in (0, 1.0):
+            with pytest.raises(H2QError, match="NaN or inf.*weights"):
+                sample_next(logits, temperature)
+    logits = torch.randn(4, 258)
+    logits[:, tokenizer.PAD] = float("-inf")  # a masked id is not an error
+    assert torch.equal(sample_next(logits, 1e-30, top_p=0.9, min_p=0.1), logits.argmax(-1))  # no overflow to NaN
+
+
+@pytest.mark.slow
+def test_compiled_int4_decoding_equals_eager(model):
+    """--compile covers quantized weights: int4 (the packed layout) gives the eager greedy bytes."""
+    int4 = quantize(copy.deepcopy(model), "int4", 32)
+    eager = generate(int4, b"twenty agents", 6, temperature=0, stop=())
+    assert generate(int4, b"twenty agents", 6, temperature=0, stop=(), compile=True) == eager

@@ -1,9 +1,13 @@
 """infer.py: reproducible one-shot output, the REPL driven through a pipe, a conversation that keeps its
 KV cache across turns (and trims or streams when full), streaming that never splits a character, the
-demo, agents of committed cycles only, clear errors, the air gap, and imports in one direction."""
+demo, agents of committed cycles only, clear errors, the air gap, and imports in one direction. Also:
+the thread count chosen by an injected probe before one-shot and every reply, the figures line, a
+trailing backslash, /observe and the demo's agents, NaN weights and infinite temperatures refused."""
 import ast
+import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from h2q import generate, infer
+from h2q import chat, generate, infer
 from h2q.checkpoint import save_adapter, save_model, save_tensors
 from h2q.cli import run_main
 from h2q.config import PRESETS
@@ -23,6 +27,7 @@ from h2q.generate import stream_to
 from h2q.infer import one_shot
 from h2q.lora import LoraAdapter, LoraConfig
 from h2q.model import Transformer
+from h2q.perf import ThreadPolicy
 from h2q.session import Conversation, InferConfig, Session
 from h2q.tokenizer import EOT, encode
 
@@ -51,6 +56,8 @@ def ckpt(tmp_path_factory):
     agents = [{"id": "a0003", "slot": 1, "rank": 2, "fitness": [-1.0, -2.5]},
               {"id": "a0007", "slot": 0, "rank": 2, "fitness": [-1.5]}]
     (root / "run" / "population.json").write_text(json.dumps({"cycle": 2, "agents": agents, "history": agents}))
+    (root / "run" / "metrics.jsonl").write_text(json.dumps({"cycle": 2, "best": -1.0, "oracle": 0.05,
+                                                            "best_pct_oracle": 40.0, "median_pct_oracle": 20.0}) + "\n")
     commit(root / "run", 2)
     return root
 
@@ -70,8 +77,9 @@ def run_infer(*args, stdin: str | bytes = b"", script=("infer.py",)):
     return result
 
 
-def session(ckpt, **kw):
-    return Session(InferConfig(ckpt=str(ckpt / "base"), device="cpu", **{"seed": 0, **kw}), resolve_adapter)
+def session(ckpt, threads=None, **kw):
+    return Session(InferConfig(ckpt=str(ckpt / "base"), device="cpu", **{"seed": 0, **kw}), resolve_adapter,
+                   threads or ThreadPolicy(1))
 
 
 def scripted_sampler(text: str):
@@ -100,6 +108,10 @@ class Chunks:
 
     def isatty(self):
         return False
+
+    @property
+    def text(self):
+        return "".join(self.chunks)
 
 
 @pytest.mark.slow
@@ -243,7 +255,7 @@ def test_demo_runs_and_shows_tables_and_agents(ckpt):
     out = result.stdout
     for row in ("fp32", "int8", "int4", "full", "window (16 slots)", "h2o (16 slots)"):
         assert row in out
-    assert "a0007 (slot 0, fitness -1.5)" in out and "a0003 (slot 1, fitness -2.5)" in out
+    assert "a0003 (slot 1)" in out and "a0007 (slot 0)" in out and "of the oracle's" in out
     assert "Traceback" not in out + result.stderr
 
 
@@ -277,12 +289,12 @@ def test_quant_switches_come_from_the_kept_float_weights(ckpt, monkeypatch):
     assert all(torch.equal(v, before[k]) for k, v in s.float_model.state_dict().items())
 
 
-@pytest.mark.slow
-def test_compile_covers_float_weights_only(ckpt):
-    s = session(ckpt, compile=True)
+def test_compile_covers_quantized_weights_too(ckpt):
+    s = session(ckpt, compile=True, group_size=32)
     assert s.compiled and s.decoder is not s.model and "decode compiled" in s.weights_label()
-    s.set_quant("int8")  # compiled int8/int4 layers gave wrong bytes: those decode eagerly
-    assert not s.compiled and s.decoder is s.model and "eager" in s.weights_label()
+    for mode in ("int8", "int4"):  # test_generate checks that compiled int4 gives the eager bytes
+        s.set_quant(mode)
+        assert s.compiled and s.decoder is not s.model and "decode compiled" in s.weights_label()
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -321,3 +333,183 @@ def test_no_import_cycle_through(module):
     assert "h2q.kvcompress" in graph["h2q.kvcache"] and "h2q.session" in graph["h2q.chat"]  # the walk sees imports
     back = sorted(m for m in reaches(graph, module) if module in reaches(graph, m))
     assert module not in reaches(graph, module), f"{module} is on an import cycle with {back}"
+
+
+# -- threads, figures, the REPL's new lines, agents, broken inputs ------------------------------------
+class FakeMachine:
+    """A thread probe whose timings say whether another process holds a core, and a hand-moved clock."""
+
+    def __init__(self, busy: bool):
+        self.busy, self.now = busy, 0.0
+
+    def probe(self, threads: int) -> float:
+        return 1.0 if threads == 1 else (5.0 if self.busy else 0.6)
+
+    def policy(self) -> ThreadPolicy:
+        policy = ThreadPolicy(0, every_s=30.0, probe=self.probe, clock=lambda: self.now, env={})
+        if policy.most == 1:
+            pytest.skip("one core: nothing to choose")
+        return policy
+
+
+def threads_seen(monkeypatch):
+    """Patch the sampler to record torch's thread count at each draw (and emit 'ok', then EOT)."""
+    seen, sampler = [], scripted_sampler("ok")
+
+    def sample(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return sampler(*args, **kwargs)
+    monkeypatch.setattr(generate, "sample_next", sample)
+    return seen
+
+
+def test_one_shot_and_each_reply_check_the_thread_count_first(ckpt, monkeypatch):
+    machine = FakeMachine(busy=False)
+    s = session(ckpt, threads=machine.policy(), max_new_tokens=4)
+    most, seen = s.threads.most, threads_seen(monkeypatch)
+    s.cfg.prompt = "go"
+    err = Chunks()
+    one_shot(s, out=Chunks(), err=err)
+    assert seen and set(seen) == {most} and f"threads {most} of {most} (measured)" in err.text
+    machine.busy, machine.now = True, 31.0  # a job took a core since: measured again before drawing
+    seen.clear()
+    one_shot(s, out=Chunks(), err=err)
+    assert set(seen) == {1} and s.threads.probes == 2
+    repl = chat.Repl(s, Chunks())
+    machine.busy, machine.now = False, 62.0
+    seen.clear()
+    repl.turn("hello")
+    assert set(seen) == {most} and s.threads.probes == 3
+    machine.busy, machine.now = True, 70.0  # not due yet: no probe, no change
+    repl.turn("again")
+    assert s.threads.probes == 3 and torch.get_num_threads() == most
+
+
+def test_figures_line_follows_a_newline_on_stderr_with_the_seed_used(ckpt):
+    s = session(ckpt, max_new_tokens=12, seed=None)
+    s.cfg.prompt = "The "
+    out, err = Chunks(), Chunks()
+    ids = one_shot(s, out=out, err=err)
+    assert out.text == bytes(ids).decode("utf-8", "replace")  # stdout: the new text only
+    match = re.fullmatch(r"\n\[h2q\] 12 bytes in \d+\.\d\d s \(\d+\.\d bytes/s, prefill included\) \| weights float32, "
+                         r"[\d.]+ MB \| kv full \| adapter none \| threads 1 \(fixed\) \| seed (\d+)\n", err.text)
+    assert match, err.text
+    s.cfg.seed = int(match.group(1))  # the printed seed gives the same text again
+    assert one_shot(s, out=Chunks(), err=Chunks()) == ids
+
+
+def test_a_trailing_backslash_sends_the_line_without_its_newline(ckpt, monkeypatch):
+    s = session(ckpt, max_new_tokens=6)
+    sampler = scripted_sampler("):\n\n")
+    monkeypatch.setattr(generate, "sample_next", sampler)
+    out = Chunks()
+    repl = chat.Repl(s, out)
+    repl.banner()
+    repl.help()
+    assert "`def main(\\`" in out.text and "LINE\\" in out.text
+    repl.turn("def main(\\")
+    assert repl.chat.tokens == [EOT, *encode("def main():\n\n")]
+    with torch.no_grad():  # the model was asked to go on right after the '('
+        expected = s.model(torch.tensor([[EOT, *encode("def main(")]]))[:, -1]
+    assert torch.allclose(sampler.seen[0][:, :256], expected[:, :256], atol=1e-4)
+    monkeypatch.setattr(generate, "sample_next", scripted_sampler("x\n\n"))
+    repl.turn("y")  # a plain line still ends with a newline
+    assert bytes(t for t in repl.chat.tokens if t < 256).endswith(b"def main():\n\ny\nx\n\n")
+
+
+def test_sampling_commands_check_their_ranges_and_keep_the_session(ckpt, monkeypatch):
+    s = session(ckpt, max_new_tokens=4)
+    out = Chunks()
+    repl = chat.Repl(s, out)
+    for line in ("/temp inf", "/temp 1e308", "/temp nan", "/minp 2", "/repeat 0", "/repeat 1.3 -5", "/repeat a",
+                 "/repeat 1.2 8 9", "/minp 0.05", "/repeat 1.3 32"):
+        assert repl.command(line)
+    said = out.text
+    assert "error: /temp must be a finite number, got inf" in said and "error: /temp must be >= 0 and <= 100" in said
+    assert "error: /temp must be a finite number, got nan" in said and "error: /minp must be >= 0 and <= 1" in said
+    assert "error: /repeat must be > 0 and <= 10, got 0.0" in said and "error: /repeat must be >= -1, got -5" in said
+    assert said.count("usage: /repeat P [N]") == 2
+    assert "min_p 0.05" in said and "repeat_penalty 1.3 over the last 32 bytes" in said
+    assert (s.cfg.temperature, s.cfg.min_p, s.cfg.repeat_penalty, s.cfg.repeat_last_n) == (0.8, 0.05, 1.3, 32)
+    monkeypatch.setattr(generate, "sample_next", scripted_sampler("fine"))
+    repl.turn("still here")
+    assert "fine" in out.text
+
+
+def test_agent_adapters_say_what_they_answer_and_observe_shows_the_distribution(ckpt):
+    s = session(ckpt, run=str(ckpt / "run"))
+    out = Chunks()
+    repl = chat.Repl(s, out)
+    repl.command("/observe")
+    assert "error: /observe needs an evolve agent's adapter" in out.text
+    repl.command("/adapter a0003")
+    assert "a0003 is an evolve agent: it answers an observation of its world (hinted level, 16 bytes) with one " \
+           "action byte of NSEWPDFZ" in out.text
+    out.chunks.clear()
+    repl.command("/observe")
+    lines = out.text.splitlines()
+    assert lines[0].startswith("observation E") and "(hinted level, world seed 0, tick 0)" in lines[0]
+    shares = [float(x) for x in re.findall(r"[NSEWPDFZ] +(\d+)%", lines[1])]
+    assert len(shares) == 8 and 97 <= sum(shares) <= 103
+    assert "likeliest" in lines[2] and "the level's planner would take" in lines[2]
+    out.chunks.clear()
+    repl.command("/observe E80-....hSWfNE>S")
+    assert out.text.startswith("observation E80-....hSWfNE>S\n") and "planner" not in out.text
+    out.chunks.clear()
+    repl.command("/observe abc")
+    assert "trained on 16-byte observations; this one has 3" in out.text
+
+
+def test_the_world_level_comes_from_the_run_config(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert chat.run_world(run).level == "hinted"  # a run from before the levels: no config, no `world`
+    (run / "config.json").write_text(json.dumps({"world": "view", "window": 7}))
+    world = chat.run_world(run)
+    assert (world.level, world.window) == ("view", 7)
+    (run / "config.json").write_text(json.dumps({"world": {"level": "view", "window": 3, "n_food": 4}}))
+    assert (chat.run_world(run).window, chat.run_world(run).n_food) == (3, 4)
+    (run / "config.json").write_text(json.dumps({"world": "maze"}))
+    with pytest.raises(H2QError, match="config.json: its world settings"):
+        chat.run_world(run)
+
+
+def test_demo_shows_agents_acting_a_world_frame_and_fitness_against_the_oracle(ckpt):
+    s = session(ckpt, run=str(ckpt / "run"), max_new_tokens=8)
+    said = []
+    chat._demo_agents(said.append, s, "def fibonacci(n):")
+    text = "\n".join(said)
+    assert "does not write text" in text and "one action byte" in text
+    assert "t=12" in text and "#" in text  # the frame: the world after the planner's ticks
+    header = next(line for line in said if line.lstrip().startswith("agent  observation"))
+    assert "planner" in header and "a0007 (slot 0)" in header and "a0003 (slot 1)" in header
+    rows = [line for line in said if re.match(r"  [0-3]  +E\d\d", line)]
+    assert len(rows) == chat.DEMO_AGENTS and all(re.search(r"[NSEWPDFZ] \d+% \(", r) for r in rows)
+    assert "a0007 -1.5 = -3000% of the oracle's 0.05" in text.replace("\n   ", " ")
+    assert "best agent reached 40% and the median 20%" in text.replace("\n   ", " ")
+    assert s.adapter is None  # the tour puts the session's own adapter back
+
+
+def test_nan_weights_and_infinite_temperature_are_one_line(ckpt, tmp_path, capsys):
+    torch.manual_seed(0)
+    broken = Transformer(PRESETS["tiny"]).eval()
+    with torch.no_grad():
+        broken.layers[1].mlp.up_proj.weight[3, 5] = float("nan")  # as a run with --lr inf once saved
+    save_model(tmp_path / "nan", broken)
+    assert run_main(infer.main, ["--ckpt", str(tmp_path / "nan"), "--prompt", "hi", "--threads", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "layers.1.mlp.up_proj.weight holds nan or inf" in err
+    assert "probability tensor" not in err
+    for value in ("inf", "1e308", "nan"):
+        assert run_main(infer.main, ["--ckpt", str(ckpt / "base"), "--prompt", "hi", "--temperature", value]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and err.startswith("error: --temperature must be")
+
+
+def test_help_is_grouped_with_examples_last_and_each_default_once():
+    text = infer.make_parser().format_help()
+    sections = [text.index(f"\n{name}:\n") for name in ("model", "generation", "sampling", "run", "examples")]
+    assert sections == sorted(sections) and text.rstrip().endswith(infer.EXAMPLES.splitlines()[-1].strip())
+    flags = re.split(r"\n  (?=--)", text[sections[0]:sections[-1]])[1:]
+    assert len(flags) == len(dataclasses.fields(InferConfig)) and all(f.count("(default") <= 1 for f in flags)
+    assert "--repeat-penalty" in text and "--min-p" in text and "--threads" in text
