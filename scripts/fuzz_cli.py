@@ -347,8 +347,10 @@ def sees_the_same(original: bytes, damaged: bytes, name: str) -> bool:
 def _same_safetensors(a, b, raw_a: bytes, raw_b: bytes) -> bool:
     def meta(raw):
         return json.loads(raw[8:header_end(raw)]).get("__metadata__")
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a) \
-        and meta(raw_a) == meta(raw_b)
+    def same(x, y):  # bit for bit (a NaN equals itself)
+        return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.reshape(-1).view(torch.uint8),
+                                                                         y.reshape(-1).view(torch.uint8))
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a) and meta(raw_a) == meta(raw_b)
 
 
 def file_case(rng: random.Random, root: Path) -> dict:

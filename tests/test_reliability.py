@@ -314,6 +314,8 @@ CASES = [
     Case("another run's train_state", "train", RESUME_HALF, "half",
          copy_over("lora/train_state.safetensors", "half/train_state.safetensors")),
     Case("config.json holding []", "evolve", RESUME_EV, "config.json", write("ev/config.json", "[]")),
+    Case("config.json missing a key", "evolve", RESUME_EV, "config.json",
+         edit_json("ev/config.json", lambda c: {k: v for k, v in c.items() if k != "threads"})),
     Case("config.json garbage", "evolve", RESUME_EV, "config.json", write("ev/config.json", "{not json")),
     Case("metrics.jsonl broken mid-file", "evolve", RESUME_EV, "metrics.jsonl",
          write("ev/metrics.jsonl", '{"cycle": 1}\n{broken\n{"cycle": 1}\n')),
