@@ -1,16 +1,24 @@
 """The social env on tiny configs: the feed and follow rules, the quality signal and the readers' reward on
 crafted posts, graph figures, determinism under a seed, exact resume, and the batched multi-adapter
-decode of the writers."""
+decode of the writers; through the evolve runner: resume equals an uninterrupted run, every strategy
+runs, the report shows the network; the terminal view of the network."""
+import io
+import json
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from h2q import checkpoint
 from h2q import generate as generation
 from h2q.config import PRESETS
-from h2q.errors import ConfigError
+from h2q.errors import ConfigError, H2QError
 from h2q.evolve import quality as Q
 from h2q.evolve import records
-from h2q.evolve.evolution import Population
+from h2q.evolve.evolution import BreedConfig, Population
+from h2q.evolve.render import ENTER, LEAVE, Renderer, network_text
+from h2q.evolve.run import EvolveConfig, evolve
 from h2q.evolve.social_env import (
     Network,
     SocialConfig,
@@ -19,13 +27,14 @@ from h2q.evolve.social_env import (
     build_feeds,
     clustering,
     density,
-    render_text,
 )
+from h2q.evolve.text_env import TextConfig
 from h2q.lora import LoraConfig, freeze_base
 from h2q.model import Transformer
+from h2q.report import write_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY = SocialConfig(post_bytes=16, prompt_bytes=8, eval_ticks=2, feed_size=3, feed_random=1)
+TINY = SocialConfig(post_bytes=16, prompt_bytes=8, eval_ticks=2, feed_size=3, feed_random=1, write_every=2)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +197,7 @@ def test_live_and_evaluate_give_the_runner_what_it_records(corpus):
     record = records.metrics_record(1, ev, life, None)
     assert record["posts"] == ev.totals["posts"] and "median_writer_score" in record
     assert env.snapshot["posts"] and "text" in env.snapshot["posts"][0]
-    text = render_text(Network([a.id for a in pop.agents], env.topics))
+    text = network_text(Network([a.id for a in pop.agents], env.topics))
     assert pop.agents[0].id in text and "follows" in text
 
 
@@ -224,6 +233,7 @@ def test_resume_continues_bit_exact(corpus):
     fresh.live(pop2.agents, 2, seed=2, tick=lambda: None)
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted, bank_tensors(pop2)))
     assert saved_reset["adam.steps"][3] == 0 and saved_reset["baseline.writer_weight"][3] == 0
+    assert (saved_reset["baseline.reader_weight"][6:8] == 0).all() and (saved_env["baseline.reader_weight"] > 0).any()
 
 
 def test_writers_decode_in_one_batched_call_per_tick(corpus, monkeypatch):
@@ -255,3 +265,95 @@ def test_batched_decode_of_many_adapters_equals_one_by_one():
              for p, s in zip(prompts, slots)]
     assert batched == alone
     assert len({tuple(o) for o in alone}) > 1, "the adapters differ, so do their posts"
+
+
+# -- through the evolve runner -----------------------------------------------------------------------------
+def social_run(out, cycles, resume=False, steps=2, agents=4):
+    return EvolveConfig(base="random", preset="tiny", out=str(out), cycles=cycles, agents=agents, steps=steps,
+                        env="social", lora_rank=2, device="cpu", threads=1, progress=False, resume=resume)
+
+
+@pytest.fixture
+def small_corpus(corpus, monkeypatch):
+    """The runner's env loads the corpus itself: hand it the module's small one."""
+    monkeypatch.setattr(Q, "load_topic_corpus", lambda *a, **k: corpus)
+    return corpus
+
+
+def test_runner_resume_equals_an_uninterrupted_run_and_the_report_shows_the_network(small_corpus, tmp_path):
+    """evolve --env social: 2 cycles straight == stop after cycle 1, then --resume (the same seed gives
+    the same run); the records carry the social figures and cycle_NNN/network.json the graph and posts."""
+    straight = evolve(social_run(tmp_path / "a", 2), BreedConfig(), TextConfig(), social=TINY)
+    assert straight["cycles"] == 2
+
+    def stop(cycle, record):
+        raise KeyboardInterrupt
+
+    summary = evolve(social_run(tmp_path / "b", 2), BreedConfig(), TextConfig(), on_cycle=stop, social=TINY)
+    assert summary["interrupted"] and summary["cycles"] == 1
+    with pytest.raises(H2QError, match="settings differ"):
+        evolve(social_run(tmp_path / "b", 2, resume=True), BreedConfig(), TextConfig(),
+               social=SocialConfig(**{**TINY.__dict__, "feed_size": 2}))
+    evolve(social_run(tmp_path / "b", 2, resume=True), BreedConfig(), TextConfig(), social=TINY)
+
+    def metrics(run):
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert metrics(a) == metrics(b)
+    for name in ("population.json", "evolution_stats.json", "cycle_002/network.json"):
+        assert (a / name).read_text() == (b / name).read_text(), name
+    for slot in range(4):
+        name = f"cycle_002/agent_{slot:02d}/{checkpoint.ADAPTER_FILE}"
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    record = metrics(a)[-1]
+    for key in ("likes_per_post", "post_bpb", "topic_acc", "distinct2", "follow_density", "clustering", "users", "posts",
+                "best", "median", "random_reader", "scripted_reader", "base_post_bpb", "base_distinct2"):
+        assert key in record, key
+    assert record["env"] == "social" and record["users"] == 4
+    assert json.loads((a / "config.json").read_text())["social"] == TINY.__dict__
+    network = json.loads((a / "cycle_002" / "network.json").read_text())
+    assert len(network["users"]) == 4 and len(network["posts"]) == len(network["base_posts"]) == 2
+    assert {"slot", "author", "prompt", "text", "quality", "likes", "follows"} <= network["posts"][0].keys()
+    pytest.importorskip("matplotlib")
+    page = write_report(a).read_text()
+    assert "The social network" in page and "social_graph.png" in page and "Sample posts, cycle 1 vs 2" in page
+    assert "social_metrics.png" in page and "evolve_world.png" not in page
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("breed", [BreedConfig(strategy="evolution"), BreedConfig(strategy="meta"),
+                                   BreedConfig(strategy="gradient", pbt=True),
+                                   BreedConfig(strategy="hybrid", adaptive_rank=True, pbt=True)],
+                         ids=["evolution", "meta", "gradient-pbt", "hybrid-adaptive-rank-pbt"])
+def test_every_strategy_runs_on_the_social_env(small_corpus, tmp_path, breed):
+    cfg = SocialConfig(**{**TINY.__dict__, "eval_ticks": 1})
+    summary = evolve(social_run(tmp_path / "run", 2, steps=1), breed, TextConfig(), social=cfg)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert summary["cycles"] == 2 and [json.loads(line)["strategy"] for line in lines] == [breed.strategy] * 2
+
+
+def test_render_draws_the_network_and_leaves_the_grid_view_alone(corpus):
+    env, pop = make_env(corpus)
+    stream = io.StringIO()
+    renderer = Renderer(stream=stream, ansi=True, color=False)
+    env.render = renderer
+    renderer.phase(cycle=1, cycles=3, phase="live")
+    env.live(pop.agents, 2, seed=1, tick=lambda: None)
+    renderer.phase(cycle=1, cycles=3, phase="eval", episodes=1)
+    env.evaluate(pop.agents, seed=2, tick=lambda: None)
+    renderer.close()
+    page = stream.getvalue()
+    assert "h2q social | cycle 1/3 | living (online learning on) | tick 2/2" in page
+    assert "h2q social | cycle 1/3 | evaluating episode 1 of 1 (learning off)" in page
+    assert page.startswith(ENTER) and page.endswith(LEAVE) and "\x1b[2J" not in page, "drawn in place, never cleared"
+    for agent in pop.agents:
+        assert f"  {agent.id} [" in page
+    assert "latest posts (3 this tick" in page and "follows (user [topic]" in page
+    net = Network(["u0", "u1", "u2"], np.array([0, 1, 0]), steps=4)
+    net.follows[0, 1] = net.follows[2, 1] = True
+    lines = network_text(net).splitlines()
+    assert lines[0] == "h2q social | tick 0/4" and "3 users, 0 posts, 2 follows (density 0.333" in lines[1]
+    assert lines[3] == "  u0 [    code] <- 0 -> u1" and lines[4] == "  u1 [    docs] <- 2 -> -"

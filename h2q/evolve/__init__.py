@@ -4,7 +4,9 @@ joins them.
 Every world is a plug-in behind one interface (h2q/evolve/env.py, PettingZoo's parallel API in
 array form): `reset(seed) -> obs`, `step(actions) -> (obs, rewards, dones, info)`, `agents`, the
 action bytes, `fitness()`. The grid world (world.py) has two levels: `hinted`, whose observation
-names the next step, and `view`, a window of cells with no path in it. A policy is anything with
+names the next step, and `view`, a window of cells with no path in it. The runner also drives text self-evolution (text_env.py)
+and a social network whose agents write, read, like and follow (social_env.py, scored by the
+grounded quality signal of quality.py). A policy is anything with
 `reset(n_agents)` and `act(obs, alive) -> actions`: `obs` the env's (n, obs_len) uint8 array,
 `alive` the (n,) mask of agents not done, actions (n,) indices into the action bytes. The baselines
 (planners.py) give scores their scale, statistics over runs are in stats.py, `AgentPolicy`

@@ -1,16 +1,15 @@
 """The social env's grounded quality signal: labelled text from this machine's files, a fixed byte-level
 topic classifier trained once on it, and the score in [0, 1] a post is worth to a reader of a topic.
 
-Topics and their text (`load_topic_corpus`), nothing downloaded, documents in sorted path order:
-* `code`: the standard library's `.py` sources (tests and idlelib left out), a slice from the middle
-  of each file;
-* `prose`: pydoc's help topics (`pydoc_data.topics`), their unindented lines only (the indented ones
+Topics and their text (`load_topic_corpus`), nothing downloaded, documents in sorted name order:
+* `code`: the standard library's `.py` sources (tests, idlelib and site-packages left out) without
+  their comment lines;
+* `docs`: pydoc's help topics (`pydoc_data.topics`), their unindented lines only (the indented ones
   are code examples and grammar rules);
-* `legal`: licence texts: Python's LICENSE.txt, the LICENSE/COPYING files of the installed
-  distributions (`*.dist-info`) and the system's common licences where there are any.
-Each topic keeps at most `max_docs` slices of `slice_bytes`, evenly spaced over its documents; a
-document whose name hashes below `HELD_OUT` is held out. Training feeds draw writers' prompts from the
-training documents, evaluation from the held-out ones.
+* `comments`: the `#` comment lines of the same sources (shebangs and coding lines left out).
+Each document gives one slice of `slice_bytes` from its middle; each topic keeps at most `max_docs`
+slices, evenly spaced over its documents; a document whose name hashes below `HELD_OUT` is held out.
+Training feeds draw writers' prompts from the training documents, evaluation from the held-out ones.
 
 The classifier (`TopicClassifier`) is multinomial naive Bayes (McCallum & Nigam 1998) over hashed byte
 3-, 4- and 5-grams (character n-gram text categorisation, Cavnar & Trenkle 1994), add-alpha
@@ -22,8 +21,9 @@ The quality of a post for a reader of topic t (`QualitySignal.score`) is a produ
     q_t = P(t | post) * fluency * novelty,   novelty = self_novelty * (1 - duplicate)
 
 * fluency: the post's bits per byte under the frozen base, given the writer's prompt, mapped linearly
-  from 0 at `noise_bpb` (the base's bits/byte on real continuations with their bytes shuffled) to 1 at
-  `text_bpb` (on the real continuations); both calibrated on held-out text at construction.
+  from 0 at `noise_bpb` (the base's median bits/byte on real continuations with their bytes shuffled)
+  to 1 at `text_bpb` (its 10th percentile on the real continuations: as predictable as the most
+  predictable tenth of real text); both calibrated on held-out text at construction.
 * self_novelty: the post's distinct byte-4-gram ratio, 0 at half of `distinct_ref` (the 10th
   percentile of real held-out snippets of post length) rising to 1 at `distinct_ref`.
 * duplicate: the largest Jaccard resemblance of its byte-4-gram shingles (Broder 1997) with any other
@@ -312,7 +312,7 @@ class QualitySignal:
         windows = [w for t in range(len(TOPICS)) for w in corpus.snippets(t, True, samples, prompt_bytes + post_bytes, rng)]
         prompts, real = [w[:prompt_bytes] for w in windows], [w[prompt_bytes:] for w in windows]
         shuffled = [bytes(rng.permutation(np.frombuffer(p, dtype=np.uint8))) for p in real]
-        text_bpb = float(np.median(bits_per_byte(model, prompts, real)))
+        text_bpb = float(np.percentile(bits_per_byte(model, prompts, real), 10))
         noise_bpb = float(np.median(bits_per_byte(model, prompts, shuffled)))
         ref = float(np.percentile([distinct_ratio(p) for p in real], 10))
         return cls(TopicClassifier(corpus, post_bytes, seed=seed), text_bpb, noise_bpb, ref, max(SHINGLE, post_bytes // 4))

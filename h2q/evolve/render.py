@@ -1,6 +1,6 @@
-"""The terminal view of the grid world (`evolve.py --render`, `scripts/bench_agents.py --render`): one
-frame per tick, redrawn in place the way top and htop redraw, so watching a run leaves the terminal's
-scrollback as it was.
+"""The terminal view of the grid world and of the social network (`evolve.py --render`,
+`scripts/bench_agents.py --render`): one frame per tick, redrawn in place the way top and htop redraw,
+so watching a run leaves the terminal's scrollback as it was.
 
 A frame (`frame_lines`, or `render_text` as plain text) is:
 
@@ -21,6 +21,12 @@ alternate screen.
 
 The world is anything with the World attributes (walls, food, home, pos, alive, energy, carrying, t,
 n, cfg, observe()), or an env holding one in `.world`: this module imports nothing of the world.
+
+A social network (`--env social`, h2q/evolve/social_env.py's Network: names, topic_names, topics,
+follows, latest, tick, steps, posts, density(), clustering()) is drawn by `network_lines`: a header
+like the grid's, the graph's figures, one line per user with its topic and whom it follows (`<-` how
+many follow it), and the latest posts with their quality, likes and new followers. `Renderer` tells
+the two apart by the network's `follows` matrix.
 """
 from __future__ import annotations
 
@@ -139,6 +145,54 @@ def render_text(world, title: str | None = None, follow: int | None = None) -> s
     return "\n".join(frame_lines(world, title, follow))
 
 
+# -- the social network ---------------------------------------------------------------------------------
+TOPIC_STYLES = ("\x1b[36;1m", "\x1b[33;1m", "\x1b[35;1m", "\x1b[32;1m")  # topic k: its colour
+POST_CHARS = 72  # of a post's text per line
+
+
+def is_network(world) -> bool:
+    return hasattr(world, "follows")
+
+
+def network_header(net, cycle: int | None = None, cycles: int | None = None, phase: str | None = None,
+                   episode: int | None = None, episodes: int | None = None) -> str:
+    """`h2q social | cycle 3/10 | living (online learning on) | tick 4/8`."""
+    title = header(None, cycle, cycles, phase, episode, episodes).replace("h2q world", "h2q social", 1)
+    steps = getattr(net, "steps", None)
+    return f"{title} | tick {net.tick}/{steps}" if steps else f"{title} | tick {net.tick}"
+
+
+def network_lines(net, title: str | None = None, color: bool = False, max_posts: int = 8,
+                  log: list[str] = ()) -> list[str]:
+    """One frame of the social network as lines (module docstring)."""
+    def name(i: int) -> str:
+        style = TOPIC_STYLES[int(net.topics[i]) % len(TOPIC_STYLES)]
+        return _paint(net.names[i], style, color)
+
+    followers = net.follows.sum(0)
+    lines = [title or network_header(net),
+             (f"{len(net.names)} users, {net.posts} posts, {int(net.follows.sum())} follows (density "
+              f"{net.density():.3f}, clustering {net.clustering():.3f})"),
+             "follows (user [topic] <- its followers -> whom it follows):"]
+    width = max(len(t) for t in net.topic_names)
+    for i in range(len(net.names)):
+        followed = " ".join(name(j) for j in np.flatnonzero(net.follows[i]))
+        lines.append(f"  {name(i)} [{net.topic_names[net.topics[i]]:>{width}}] <-{int(followers[i]):2d} -> "
+                     f"{followed or '-'}")
+    lines.append(f"latest posts ({len(net.latest)} this tick; q = quality for a reader of its topic):")
+    for post in net.latest[:max_posts]:
+        text = post.text.decode("utf-8", "replace").replace("\n", "\u23ce").replace("\x1b", "?")
+        text = "".join(c if c.isprintable() else "?" for c in text)[:POST_CHARS]
+        lines.append(f"  {name(post.author)} #{net.topic_names[post.topic]} q {post.quality:.2f} "
+                     f"likes {post.likes} +{post.follows}: {text}")
+    return [line.rstrip() for line in [*lines, *log]]
+
+
+def network_text(net, title: str | None = None) -> str:
+    """One frame of the network as plain text (no escape codes)."""
+    return "\n".join(network_lines(net, title))
+
+
 class Renderer:
     """Redraws the world after each tick (see the module docstring). The runner calls `phase(...)`
     when a phase starts, `renderer(world)` after each tick, `log(line)` for a line to keep, and
@@ -192,8 +246,11 @@ class Renderer:
             if self._phase.get("phase") == "eval":
                 return  # skip the frame: evaluation is not slowed down to be watched
             time.sleep(self.interval - (now - self._last))
-        lines = frame_lines(world, header(world, **self._phase), self.follow, self.color,
-                            self.lines[-LOG_LINES:] if self.ansi else ())
+        log = self.lines[-LOG_LINES:] if self.ansi else ()
+        if is_network(world):
+            lines = network_lines(world, network_header(world, **self._phase), self.color, log=log)
+        else:
+            lines = frame_lines(world, header(world, **self._phase), self.follow, self.color, log)
         if not self.ansi:
             self._write("\n".join(lines) + "\n\n")
         else:

@@ -2,10 +2,12 @@
 
 Cycle c (`Runner.cycle`):
 1. live: the agents act in the grid world for `--steps` ticks with online learning on (strategies
-   hybrid, gradient, meta), or fine-tune for `--steps` batched steps on text (`--env text`);
+   hybrid, gradient, meta), or fine-tune for `--steps` batched steps on text (`--env text`), or write,
+   read, like and follow for `--steps` ticks in a social network (`--env social`, h2q/evolve/social_env.py);
 2. evaluate: every agent on fresh world seeds with learning off, beside the oracle and random policies
    on the same seeds (fitness = food delivered per step + a small survival term, h2q/evolve/world.py),
-   or on fixed held-out text (fitness = -bits per byte);
+   or on fixed held-out text (fitness = -bits per byte), or in the social network's held-out episode
+   (fitness = the quality of its posts + the agreement of its choices with the quality signal);
 3. record: OUT/cycle_NNN/agent_MM/ adapters, population.json (lineage), metrics.jsonl, evolution_stats.json
    (the run folder format of notes/evolve_format.md, written by h2q/evolve/records.py);
 4. breed: h2q/evolve/evolution.py `next_generation` (elites pass on, the rest are children);
@@ -44,6 +46,7 @@ from h2q.errors import ConfigError, H2QError
 from h2q.evolve import records
 from h2q.evolve.evolution import LEARNS, BreedConfig, Evaluation, Population, diversity, next_generation
 from h2q.evolve.grid_env import FITNESS, AgentKnobs, GridEnv
+from h2q.evolve.social_env import SocialConfig, SocialEnv
 from h2q.evolve.text_env import TextConfig, TextEnv
 from h2q.evolve.render import Renderer
 from h2q.evolve.world import WorldConfig
@@ -52,7 +55,7 @@ from h2q.model import Transformer
 from h2q.perf import ThreadPolicy, device_memory
 
 PURPOSES = {"init": 1, "live": 2, "eval": 3, "breed": 4}
-DEFAULT_STEPS = {"grid": 200, "text": 20}
+DEFAULT_STEPS = {"grid": 200, "text": 20, "social": 8}
 # flags that may change between a run and its --resume
 RESUMABLE = {"cycles", "resume", "report", "render", "progress", "device", "out", "keep_cycles", "threads"}
 
@@ -65,15 +68,16 @@ class EvolveConfig:
                              "with --resume the newest)")
     cycles: int = option(10, "generations to run in all (with --resume: up to this many)", at_least=1)
     agents: int = option(20, "population size", at_least=2)
-    steps: int = option(0, "per cycle: world ticks of life (grid) or fine-tuning steps (text); 0 = 200 / 20",
-                        at_least=0)
+    steps: int = option(0, "per cycle: world ticks of life (grid, social) or fine-tuning steps (text); "
+                        "0 = 200 / 20 / 8", at_least=0)
     eval_episodes: int = option(2, "grid: fresh world seeds each agent is scored on per cycle", at_least=1)
-    env: str = option("grid", "grid world or text self-evolution on --data-dir", choices=["grid", "text"])
+    env: str = option("grid", "grid world, text self-evolution on --data-dir, or a social network where agents "
+                      "write, read, like and follow", choices=["grid", "text", "social"])
     lora_rank: int = option(8, "adapter rank (the starting rank with --adaptive-rank)", at_least=1)
     lora_alpha: float = option(16.0, "LoRA alpha (update scale alpha/r)", above=0)
     lr: float = option(2e-3, "learning rate of the adapters (each agent's starting one under --pbt)", above=0,
                        at_most=10)
-    temperature: float = option(1.0, "grid: the agents' sampling temperature (one for all)", above=0, at_most=100)
+    temperature: float = option(1.0, "grid, social: the agents' sampling temperature (one for all)", above=0, at_most=100)
     world: str = option("hinted", "grid: the world level: hinted (the next step is in the text) or view (an "
                         "egocentric window and a home compass, no path: agents must learn to see)",
                         choices=["hinted", "view"])
@@ -87,7 +91,8 @@ class EvolveConfig:
     device: str = option("auto", "auto, cpu or cuda")
     threads: int = option(0, "torch CPU threads; 0 = measured: all cores, or one where a short probe finds one "
                              "faster (a busy CPU), re-measured every 30 s", at_least=0)
-    render: bool = option(False, "draw the world in the terminal while the agents live and are evaluated (rank 0)")
+    render: bool = option(False, "draw the world (grid) or the network (social) in the terminal while the agents "
+                          "live and are evaluated (rank 0)")
     resume: bool = option(False, "continue the run in --out from its last completed cycle")
     report: bool = option(False, "write OUT/report/report.html at the end (needs matplotlib)")
     keep_cycles: int = option(0, "keep only the newest K cycle_NNN adapter folders (0 = all)", at_least=0)
@@ -186,8 +191,8 @@ def check_population_memory(config, agents: int, rank: int, device: torch.device
 class Runner:
     """One evolve run in one process: base, population, this process's environment, records."""
 
-    def __init__(self, cfg: EvolveConfig, breed: BreedConfig, text: TextConfig):
-        self.cfg, self.breed = cfg, breed
+    def __init__(self, cfg: EvolveConfig, breed: BreedConfig, text: TextConfig, social: SocialConfig | None = None):
+        self.cfg, self.breed, self.social = cfg, breed, social or SocialConfig()
         self.device = resolve_device(cfg.device)
         # a second busy process collapses torch's spinning OpenMP threads: choose by measurement
         self.threads = ThreadPolicy(cfg.threads) if self.device.type == "cpu" else None
@@ -208,9 +213,10 @@ class Runner:
         bank = self.population.bank
         self.local = bank if self.group.size == 1 else \
             AdapterBank(self.model.config, bank.config, self.hi - self.lo, init=False).to(self.device)
-        self.render = Renderer() if cfg.render and self.lead and cfg.env == "grid" else None
+        self.render = Renderer() if cfg.render and self.lead and cfg.env in ("grid", "social") else None
         self.env = self._make_env(text)
         self.config = {**asdict(cfg), **asdict(breed), **({"text": asdict(text)} if cfg.env == "text" else {}),
+                       **({"social": asdict(self.social)} if cfg.env == "social" else {}),
                        "steps": cfg.life_steps, "bank_rank": bank.config.r, "model_config": self.model.config.to_dict(),
                        "base_fingerprint": self.model.fingerprint, "world_size": self.group.size}
         self.history: list[dict] = []  # per cycle: best fitness and its agent
@@ -240,6 +246,8 @@ class Runner:
         if self.cfg.env == "text":
             return TextEnv(self.model, self.local, text, self.device, log=print if self.lead else (lambda *a, **k: None))
         cfg = self.cfg
+        if cfg.env == "social":
+            return SocialEnv(self.model, self.local, self.social, cfg.temperature, offset=self.lo, render=self.render)
         knobs = AgentKnobs(lr=cfg.lr, temperature=cfg.temperature, memory=cfg.memory, kv=cfg.kv, fitness=cfg.fitness)
         world = WorldConfig(steps=cfg.life_steps, level=cfg.world, window=cfg.window)
         return GridEnv(self.model, self.local, world, cfg.eval_episodes, knobs, self.render)
@@ -301,7 +309,7 @@ class Runner:
             self._push()
             lived = time.perf_counter()
             if self.render is not None:
-                self.render.phase(cycle=c, cycles=cfg.cycles, phase="eval", episodes=cfg.eval_episodes)
+                self.render.phase(cycle=c, cycles=cfg.cycles, phase="eval", episodes=self.env.eval_episodes)
             ev = self._gather_evaluation(self.env.evaluate(agents, seed_for(cfg.seed, c, "eval", rank), tick))
         phases = {"live_s": round(lived - start, 3), "eval_s": round(time.perf_counter() - lived, 3)}
         life = {k: self._gather(v) for k, v in life.items()}
@@ -372,16 +380,21 @@ def summary_line(record: dict, cycles: int) -> str:
         score = (f"best {record['best']:.4f} ({record['best_pct_oracle']:.0f}% of oracle) | median "
                  f"{record['median']:.4f} ({record['median_pct_oracle']:.0f}%) | food {record['food_delivered']} "
                  f"| deaths {record['deaths']}")
+    elif "likes_per_post" in record:
+        score = (f"best {record['best']:.3f} | median {record['median']:.3f} | likes/post {record['likes_per_post']:.2f} "
+                 f"| bits/byte {record['post_bpb']:.3f} | on topic {100 * record['topic_acc']:.0f}% | distinct-2 "
+                 f"{record['distinct2']:.2f} | follow density {record['follow_density']:.3f}")
     else:
         score = f"best {record['best_bpb']:.4f} bits/byte | median {record['median_bpb']:.4f} | base {record['base_bpb']:.4f}"
     return (f"cycle {record['cycle']}/{cycles} | {score} | diversity {record['diversity']:.3g} | "
             f"{record['wall_s']:.1f} s")
 
 
-def evolve(cfg: EvolveConfig, breed: BreedConfig, text: TextConfig, on_cycle=None) -> dict:
+def evolve(cfg: EvolveConfig, breed: BreedConfig, text: TextConfig, on_cycle=None,
+           social: SocialConfig | None = None) -> dict:
     """Run (or resume) an evolve run; returns a summary. `on_cycle(cycle, record)` is called after
     each completed cycle (tests use it to interrupt)."""
-    runner = Runner(cfg, breed, text)
+    runner = Runner(cfg, breed, text, social)
     try:
         return run_cycles(runner, cfg, breed, on_cycle)
     finally:
@@ -441,6 +454,8 @@ EXAMPLES = [
     ("python evolve.py --base random --preset tiny --agents 4 --steps 30 --cycles 2",
      "a quick smoke run, no trained base needed"),
     ("python evolve.py --render --cycles 3", "watch the world in the terminal while the agents live and are scored"),
+    ("python evolve.py --env social --render --cycles 5", "20 agents who write, read, like and follow, "
+     "watched as a network in the terminal"),
     ("python evolve.py --resume --cycles 20", "continue the newest run up to cycle 20"),
     ("python evolve.py --strategy evolution --report", "the evolution strategy alone, no gradients; write "
      "OUT/report/report.html at the end"),
@@ -460,9 +475,10 @@ def main(argv=None) -> int:
     add_dataclass_flags(parser, EvolveConfig, groups=GROUPS)
     add_dataclass_flags(parser, BreedConfig, "evolution")
     add_dataclass_flags(parser, TextConfig, "text env (--env text)")
+    add_dataclass_flags(parser, SocialConfig, "social env (--env social)")
     args = parser.parse_args(argv)
     summary = evolve(dataclass_from_args(EvolveConfig, args), dataclass_from_args(BreedConfig, args),
-                     dataclass_from_args(TextConfig, args))
+                     dataclass_from_args(TextConfig, args), social=dataclass_from_args(SocialConfig, args))
     return 130 if summary["interrupted"] else 0
 
 

@@ -37,9 +37,10 @@ Learning in life, on-policy, one update per tick for all agents in one backward:
   than the reward as in GRPO (Shao et al. 2024): it keeps the writing where the base can judge it,
   and undoes what the reader's updates of the same adapter would do to it (a reader that learns to
   ignore pushes its adapter toward the byte `.`).
-* A = (reward - b_i) / s: b_i a bias-corrected moving average of agent i's own rewards (a newcomer's is
-  the tick's population mean), s a running RMS of the advantages (one for readers, one for writers),
-  so both terms weigh alike and `writer_weight` sets their mix.
+* A = (reward - b) / s: b a bias-corrected moving average of the agent's own rewards (a reader's apart
+  for posts of its topic and of others; a newcomer's is the tick's population mean), s a running RMS of
+  the advantages (one for readers, one for writers), so both terms weigh alike and `writer_weight`
+  sets their mix.
 * One h2q/optim.py BankAdamW step per tick, each slot at its agent's learning rate, after a per-agent
   gradient-norm clip; an agent whose gradient is not finite skips the step.
 
@@ -54,8 +55,6 @@ episode, computed once at construction (`base_*`).
 from __future__ import annotations
 
 import math
-import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,13 +76,13 @@ EVAL_SEED = 0  # the held-out episode's prompts and posting order: fixed, so cyc
 
 @dataclass
 class SocialConfig:
-    feed_size: int = option(6, "social env: posts in each reader's feed per tick", at_least=1)
+    feed_size: int = option(5, "social env: posts in each reader's feed per tick", at_least=1)
     feed_random: int = option(2, "social env: feed places kept for random posts (the rest go to followed authors first)",
                               at_least=0)
-    write_every: int = option(2, "social env: each agent posts every N-th tick", at_least=1)
+    write_every: int = option(1, "social env: each agent posts every N-th tick", at_least=1)
     post_bytes: int = option(48, "social env: longest post in bytes", at_least=4)
     prompt_bytes: int = option(32, "social env: bytes of topic text a post continues", at_least=1)
-    eval_ticks: int = option(8, "social env: ticks of the held-out evaluation episode", at_least=1)
+    eval_ticks: int = option(6, "social env: ticks of the held-out evaluation episode", at_least=1)
     follow_weight: float = option(2.0, "social env: a writer's reward per new follower, in likes", at_least=0)
     kl_weight: float = option(1.0, "social env: weight of the writer's KL to the base per token, in its loss", at_least=0)
     writer_weight: float = option(1.0, "social env: weight of the writer's loss next to the reader's", at_least=0)
@@ -152,56 +151,31 @@ class Post:
     quality: float  # for readers of its topic
     likes: int = 0
     follows: int = 0
+    prompt: bytes = b""  # what it continues
 
 
 @dataclass
 class Network:
-    """One episode's users, follow graph and posts."""
+    """One episode's users, follow graph and posts (what h2q/evolve/render.py draws)."""
     names: list[str]
     topics: np.ndarray
+    steps: int | None = None  # the episode's length
     follows: np.ndarray = None
     latest: list[Post] = field(default_factory=list)
     recent: list[list[bytes]] = field(default_factory=list)  # the last DUP_WINDOW ticks' posts
     tick: int = 0
     posts: int = 0
+    topic_names: tuple[str, ...] = Q.TOPICS
 
     def __post_init__(self):
         n = len(self.names)
         self.follows = np.zeros((n, n), dtype=bool) if self.follows is None else self.follows
 
+    def density(self) -> float:
+        return density(self.follows)
 
-def render_text(net: Network, max_posts: int = 8) -> str:
-    """The network as text: who follows whom, and the latest posts with their likes."""
-    lines = [f"social network, tick {net.tick} | {len(net.names)} users, {net.posts} posts, "
-             f"{int(net.follows.sum())} follows (density {density(net.follows):.3f}, clustering "
-             f"{clustering(net.follows):.3f})", "follows:"]
-    for i, name in enumerate(net.names):
-        followed = " ".join(net.names[j] for j in np.flatnonzero(net.follows[i]))
-        lines.append(f"  {name} [{Q.TOPICS[net.topics[i]]:>8}] -> {followed or '-'}")
-    lines.append("latest posts:")
-    for post in net.latest[:max_posts]:
-        text = post.text.decode("utf-8", "replace").replace("\n", "\u23ce")
-        lines.append(f"  {net.names[post.author]} #{Q.TOPICS[post.topic]} q {post.quality:.2f} "
-                     f"likes {post.likes} follows {post.follows}: {text}")
-    return "\n".join(lines)
-
-
-class SocialRenderer:
-    """`--render`: redraws the network in place (ANSI home + clear) after every tick of a life, at most
-    `fps` times a second."""
-
-    def __init__(self, fps: float = 4.0, stream=None):
-        self.interval = 1.0 / fps if fps > 0 else 0.0
-        self.stream = stream or sys.stdout
-        self._last = 0.0
-
-    def __call__(self, net: Network) -> None:
-        wait = self._last + self.interval - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        self.stream.write("\x1b[H\x1b[2J" + render_text(net) + "\n")
-        self.stream.flush()
-        self._last = time.perf_counter()
+    def clustering(self) -> float:
+        return clustering(self.follows)
 
 
 # -- one tick --------------------------------------------------------------------------------------------
@@ -226,6 +200,7 @@ class SocialEnv:
     the fixed held-out episode and the base model's figures on it."""
 
     per_agent_temperature = False  # generate_batch samples all writers at one temperature
+    eval_episodes = 1  # the held-out episode
 
     def __init__(self, model, bank: AdapterBank, cfg: SocialConfig = SocialConfig(), temperature: float = 1.0,
                  offset: int = 0, render=None, corpus: Q.TopicCorpus | None = None):
@@ -244,8 +219,9 @@ class SocialEnv:
         self.corpus = corpus or Q.load_topic_corpus()
         self.signal = Q.QualitySignal.calibrate(model, self.corpus, cfg.prompt_bytes, cfg.post_bytes)
         self.optimizer = BankAdamW(bank.parameters(), betas=(0.9, 0.99))
-        self.stats = {k: torch.zeros(self.n, dtype=torch.float64) for k in
-                      ("reader_sum", "reader_weight", "writer_sum", "writer_weight")}
+        # reward baselines: readers' per (agent, whether the post is of its topic), writers' per agent
+        self.stats = {k: torch.zeros(self.n * (2 if k.startswith("reader") else 1), dtype=torch.float64)
+                      for k in ("reader_sum", "reader_weight", "writer_sum", "writer_weight")}
         self.scale = torch.zeros(4, dtype=torch.float64)  # (reader, writer) x (sum of A^2, weight)
         rng = np.random.default_rng(EVAL_SEED)
         self.eval_order = rng.permutation(self.n) % cfg.write_every
@@ -256,6 +232,7 @@ class SocialEnv:
         self.base = {f"base_{k}": v for k, v in base.items() if k in
                      ("fitness", "writer", "reader", "post_bpb", "topic_acc", "distinct2", "likes_per_post")}
         self.base["classifier_acc"] = self.signal.classifier.accuracy
+        self.base_posts = self.snapshot["posts"]  # the base's, on the held-out prompts every cycle sees
 
     def ticks(self, steps: int, learns: bool) -> int:
         return steps * learns + self.cfg.eval_ticks
@@ -265,7 +242,7 @@ class SocialEnv:
         """One episode of `steps` ticks with learning; -> per agent the likes and followers its posts
         earned and its mean reader and writer rewards."""
         rng = np.random.default_rng(seed)
-        net = Network([a.id for a in agents], self.topics)
+        net = Network([a.id for a in agents], self.topics, steps)
         order = rng.permutation(self.n) % self.cfg.write_every
         lrs = torch.tensor([a.lr for a in agents], dtype=torch.float32)
         totals = {k: np.zeros(self.n) for k in ("likes", "followers", "reader", "writer", "rows", "posts")}
@@ -293,13 +270,14 @@ class SocialEnv:
         per_agent = {k: s.pop(k) for k in ("writer_score", "reader_score", "likes_received", "topic_hits")}
         fitness = per_agent["writer_score"] + per_agent["reader_score"]
         totals = {k: s.pop(k) for k in ("posts", "likes", "follows", "users")}
-        return Evaluation(fitness=fitness, per_agent=per_agent, totals=totals, references={**s, **self.base})
+        return Evaluation(fitness=fitness, per_agent=per_agent, totals=totals, references={**s, **self.base},
+                          files={"network.json": {**self.snapshot, "base_posts": self.base_posts}})
 
     def reset_slots(self, slots) -> None:
         slots = list(slots)
         self.optimizer.reset(slots)
-        for t in self.stats.values():
-            t[slots] = 0.0
+        for name, t in self.stats.items():
+            t[[2 * s + m for s in slots for m in (0, 1)] if name.startswith("reader") else slots] = 0.0
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {**{f"adam.{k}": t for k, t in self.optimizer.state_dict().items()},
@@ -316,9 +294,9 @@ class SocialEnv:
     @torch.no_grad()
     def _episode(self, names: list[str], seed: int, tick, use_adapters: bool) -> tuple[list[Tick], Network]:
         """The held-out episode for the agents (or, use_adapters=False, for the base alone); the last
-        one's network, its follows and latest posts, stays in `snapshot` (JSON-able)."""
+        one's users, follows and last tick's posts stay in `snapshot` (JSON-able, cycle_NNN/network.json)."""
         rng = np.random.default_rng(seed)
-        net = Network(names, self.topics)
+        net = Network(names, self.topics, self.cfg.eval_ticks)
         ticks = []
         for t in range(self.cfg.eval_ticks):
             writers = np.flatnonzero(self.eval_order == t % self.cfg.write_every)
@@ -328,11 +306,17 @@ class SocialEnv:
                 ticks.append(result)
             if tick is not None:
                 tick()
-        self.snapshot = {"follows": np.argwhere(net.follows).tolist(),
-                         "posts": [{"author": names[p.author], "topic": Q.TOPICS[p.topic], "quality": round(p.quality, 4),
-                                    "likes": p.likes, "follows": p.follows, "text": p.text.decode("utf-8", "replace")}
-                                   for p in net.latest]}
+            if self.render is not None and use_adapters:
+                self.render(net)
+        self.snapshot = {"users": names, "topics": [Q.TOPICS[t] for t in self.topics],
+                         "follows": np.argwhere(net.follows).tolist(), "posts": [self._post_json(net, p) for p in net.latest]}
         return ticks, net
+
+    @staticmethod
+    def _post_json(net: Network, post: Post) -> dict:
+        return {"slot": post.author, "author": net.names[post.author], "topic": Q.TOPICS[post.topic], "quality": round(post.quality, 4),
+                "likes": post.likes, "follows": post.follows, "prompt": post.prompt.decode("utf-8", "replace"),
+                "text": post.text.decode("utf-8", "replace")}
 
     def _summary(self, ticks: list[Tick], net: Network) -> dict:
         """Per-agent scores and the episode's figures from its ticks."""
@@ -403,10 +387,10 @@ class SocialEnv:
         row_reward = rewards[np.arange(len(readers)), effective]
         if learn:
             writer_reward = likes + cfg.follow_weight * new_follows
-            self._learn(readers, actions, row_reward, logits, writers, prompts, scored, base_logits, mask,
+            self._learn(readers, posts, actions, row_reward, logits, writers, prompts, scored, base_logits, mask,
                         writer_reward, lrs)
-        net.latest = [Post(int(w), int(self.topics[w]), text, float(quality_), int(l), int(f))
-                      for w, text, quality_, l, f in zip(writers, texts, own, likes, new_follows)]
+        net.latest = [Post(int(w), int(self.topics[w]), text, float(quality_), int(l), int(f), prompt)
+                      for w, text, quality_, l, f, prompt in zip(writers, texts, own, likes, new_follows, prompts)]
         net.recent = (net.recent + [texts])[-DUP_WINDOW:]
         net.posts += len(writers)
         return Tick(writers, texts, bpb, quality.topic.argmax(1) == self.topics[writers], own, likes, new_follows,
@@ -432,15 +416,16 @@ class SocialEnv:
         return logits[torch.arange(len(rows), device=self.device), last][:, action_ids].float()  # (R, 3)
 
     # -- learning ---------------------------------------------------------------------------------------
-    def _learn(self, readers, actions, row_reward, logits, writers, prompts, scored, base_logits, mask, writer_reward,
-               lrs) -> None:
+    def _learn(self, readers, posts, actions, row_reward, logits, writers, prompts, scored, base_logits, mask,
+               writer_reward, lrs) -> None:
         """One REINFORCE step of every reader's choices and every writer's post (module docstring)."""
         cfg, n, dev, T = self.cfg, self.n, self.device, self.temperature
         logp_all = F.log_softmax(logits / T, dim=-1)  # (R, 3)
         taken = logp_all.gather(1, torch.as_tensor(actions, device=dev)[:, None]).squeeze(1)
         entropy = -(logp_all.exp() * logp_all).sum(1)
         rows = np.bincount(readers, minlength=n)
-        adv = torch.as_tensor(self._advantages(0, readers, row_reward), device=dev, dtype=torch.float32)
+        groups = 2 * readers + (self.topics[readers] == self.topics[writers[posts]])
+        adv = torch.as_tensor(self._advantages(0, groups, row_reward), device=dev, dtype=torch.float32)
         per_row = -(adv * taken + cfg.entropy_bonus * entropy) / torch.as_tensor(rows[readers], device=dev)
         slots = torch.as_tensor(writers, device=dev)
         policy_logits, targets, _ = Q.continuation_logits(self.model, prompts, scored, self.bank.bind(slots))
@@ -456,19 +441,20 @@ class SocialEnv:
         taking_part = torch.as_tensor((rows > 0) | np.isin(np.arange(n), writers), device=dev)
         self._step(losses, lrs, taking_part)
 
-    def _advantages(self, kind: int, agents: np.ndarray, rewards: np.ndarray) -> np.ndarray:
-        """(reward - the agent's baseline) / running RMS, then the baselines move toward this tick's
-        per-agent means; kind 0 = readers, 1 = writers."""
+    def _advantages(self, kind: int, groups: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+        """(reward - its group's baseline) / running RMS, then the baselines move toward this tick's
+        group means; kind 0 = readers (groups: 2 agent + whether the post is of its topic, so the easy
+        off-topic rows do not set the bar for the rest), 1 = writers (groups: agents)."""
         name = ("reader", "writer")[kind]
         total, weight = self.stats[f"{name}_sum"], self.stats[f"{name}_weight"]
-        d = self.cfg.baseline_decay
+        d, size = self.cfg.baseline_decay, len(total)
         known = weight.numpy() > 0
         baseline = np.where(known, total.numpy() / np.where(known, weight.numpy(), 1), rewards.mean())
-        adv = rewards - baseline[agents]
-        present = np.bincount(agents, minlength=self.n) > 0
-        means = np.bincount(agents, rewards, minlength=self.n) / np.maximum(np.bincount(agents, minlength=self.n), 1)
-        on = torch.as_tensor(present)
-        total.copy_(torch.where(on, d * total + (1 - d) * torch.as_tensor(means), total))
+        adv = rewards - baseline[groups]
+        count = np.bincount(groups, minlength=size)
+        on = torch.as_tensor(count > 0)
+        means = torch.as_tensor(np.bincount(groups, rewards, minlength=size) / np.maximum(count, 1))
+        total.copy_(torch.where(on, d * total + (1 - d) * means, total))
         weight.copy_(torch.where(on, d * weight + (1 - d), weight))
         self.scale[2 * kind] = d * self.scale[2 * kind] + (1 - d) * float(np.mean(adv ** 2))
         self.scale[2 * kind + 1] = d * self.scale[2 * kind + 1] + (1 - d)
