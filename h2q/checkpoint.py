@@ -19,12 +19,14 @@ the same keys, shapes and dtypes, and finite values.
 An output folder is locked while a run writes it (`FolderLock`: OUT/.lock, an flock, so a killed
 holder frees it), and our own temporary files left there by a kill are removed under that lock
 (`remove_stale_temps`): `.NAME.<12 hex>.tmp` from `atomic_write`, `.tmpXXXXXX` from safetensors'
-writer. JSON-lines logs (`metrics.jsonl`) are appended one whole line at a time and read back with
-a torn last line left out (`read_jsonl_lines`).
+writer; a folder the lock made is removed again if the run left it empty. JSON-lines logs
+(`metrics.jsonl`) are appended one whole line at a time and read back with a torn last line left
+out (`read_jsonl_lines`).
 
 A LoRA adapter folder (h2q/lora.py), in PEFT's layout: `adapter_model.safetensors` (keys
 `layers.0.attn.q_proj.lora_A` / `.lora_B`) and `adapter_config.json` (r, lora_alpha, target_modules,
-lora_dropout, use_rslora, plus base_fingerprint and base_model_config, checked by `load_adapter`).
+lora_dropout, use_rslora, plus base_fingerprint and base_model_config, checked by `load_adapter`);
+the weights' metadata holds `config_sha256`, the hash of that JSON, so an edited config is caught too.
 
 This module imports the model and the compression modules to rebuild what it reads; they never import
 it. Anything wrong with a file the user points at raises `FileFormatError` with one line that says
@@ -32,6 +34,7 @@ what to do.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -63,6 +66,7 @@ ADAPTER_FORMAT = "h2q-lora-v1"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 CONTENT_HASH = "content_sha256"  # metadata key of the content hash every save_tensors file carries
+CONFIG_HASH = "config_sha256"  # in adapter_model.safetensors: the json_hash of its adapter_config.json
 LOCK_FILE = ".lock"
 # what atomic_write (".NAME.<12 hex>.tmp") and safetensors' own writer (".tmpXXXXXX") leave after a kill
 STALE_TEMP = re.compile(r"\..+\.[0-9a-f]{12}\.tmp|\.tmp[A-Za-z0-9]{6}")
@@ -231,15 +235,18 @@ class FolderLock:
     """An exclusive lock on an output folder while one run writes it: OUT/.lock, locked with flock
     and holding the holder's pid. A second run gets a H2QError naming that pid (or, with wait=True,
     waits its turn). The OS frees the lock of a killed holder, so a stale lock file is simply taken
-    over. Released (and the file removed) by `release()` or at the end of a `with` block. On a
-    system without fcntl (Windows) nothing is locked."""
+    over. Released (and the file removed) by `release()` or at the end of a `with` block; a folder
+    the lock made is removed too if the run left it empty (a run refused at its start leaves no trace).
+    On a system without fcntl (Windows) nothing is locked."""
 
     def __init__(self, folder: str | Path, flag: str, wait: bool = False):
+        self.made = not Path(folder).exists()
         self.folder = ensure_folder(folder, flag)
         self.path, self.fd = self.folder / LOCK_FILE, None
         if fcntl is None:
             return
         while self.fd is None:
+            ensure_folder(self.folder, flag)  # a holder that made it may have removed it, empty, on release
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as e:
@@ -266,6 +273,9 @@ class FolderLock:
     def release(self) -> None:
         if self.fd is not None:
             self.path.unlink(missing_ok=True)  # while still locked: a waiter then sees another file
+            if self.made:
+                with contextlib.suppress(OSError):  # not empty: the run wrote something
+                    self.folder.rmdir()
             os.close(self.fd)
             self.fd = None
 
@@ -397,13 +407,19 @@ def save_adapter(out_dir: str | Path, adapter: LoraAdapter, base_model: Transfor
     out_dir = Path(out_dir)
     base_fp = base_model.base_fingerprint()
     config = adapter.config
-    save_tensors(out_dir / ADAPTER_FILE, adapter.tensors(), {"format": ADAPTER_FORMAT, "base_fingerprint": base_fp})
-    atomic_write_json(out_dir / ADAPTER_CONFIG_FILE, {
-        "format": ADAPTER_FORMAT, "peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha,
-        "target_modules": list(config.target_names), "lora_dropout": config.dropout,
-        "use_rslora": config.rslora, "base_fingerprint": base_fp,
-        "base_model_config": adapter.base_config.to_dict()})
+    config_json = {"format": ADAPTER_FORMAT, "peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha,
+                   "target_modules": list(config.target_names), "lora_dropout": config.dropout,
+                   "use_rslora": config.rslora, "base_fingerprint": base_fp,
+                   "base_model_config": adapter.base_config.to_dict()}
+    save_tensors(out_dir / ADAPTER_FILE, adapter.tensors(), {"format": ADAPTER_FORMAT, "base_fingerprint": base_fp,
+                                                             CONFIG_HASH: json_hash(config_json)})
+    atomic_write_json(out_dir / ADAPTER_CONFIG_FILE, config_json)
     return out_dir
+
+
+def json_hash(obj) -> str:
+    """sha256 of a JSON value as canonical text (sorted keys): equal for equal values, whatever the layout."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
@@ -417,11 +433,20 @@ def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
                     f"{ADAPTER_CONFIG_FILE}); train one with --lora-rank")
     try:
         meta = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"it holds a JSON {type(meta).__name__}, not an object")
         config = LoraConfig(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta["lora_dropout"]),
                             targets=",".join(meta["target_modules"]), rslora=bool(meta["use_rslora"]))
         base_config = ModelConfig.from_dict(meta["base_model_config"])
-    except (ValueError, KeyError, TypeError, AttributeError, H2QError) as e:
+    except KeyError as e:
+        raise FileFormatError(f"{config_path} is not a valid h2q adapter config (no {e} key); re-save the "
+                              f"adapter") from None
+    except (ValueError, TypeError, AttributeError, H2QError) as e:
         raise FileFormatError(f"{config_path} is not a valid h2q adapter config ({e}); re-save the adapter") from None
+    tensors, weights_meta = read_tensors(adapter_dir / ADAPTER_FILE, "adapter weights")
+    if CONFIG_HASH in weights_meta and weights_meta[CONFIG_HASH] != json_hash(meta):
+        raise FileFormatError(f"{config_path} is not the config {ADAPTER_FILE} was saved with (edited or damaged); "
+                              f"restore it from a copy or re-save the adapter")
     if base_config != base_model.config:
         diff = ", ".join(f"{k} {v} vs {getattr(base_model.config, k)}" for k, v in base_config.to_dict().items()
                          if getattr(base_model.config, k) != v)
@@ -431,7 +456,6 @@ def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
         raise FileFormatError(f"adapter {adapter_dir} was trained on base {meta.get('base_fingerprint')}, not this "
                               f"base {base_model.base_fingerprint()}; use its own base (or check_fingerprint=False "
                               f"on purpose)")
-    tensors, _ = read_tensors(adapter_dir / ADAPTER_FILE, "adapter weights")
     adapter = LoraAdapter(base_model.config, config, init=False)
     expected = adapter.tensors()
     check_tensors(tensors, expected, adapter_dir / ADAPTER_FILE, "re-save or retrain the adapter")

@@ -43,7 +43,8 @@ def range_text(bounds: dict) -> str:
 
 
 def check_options(config) -> None:
-    """Every `option` field of `config` finite, in its range and among its choices, else ConfigError."""
+    """Every `option` field of `config` finite (ints within 64 bits), in its range and among its choices,
+    else ConfigError."""
     for f in fields(config):
         value = getattr(config, f.name)
         if value is None or isinstance(value, bool):
@@ -59,6 +60,8 @@ def check_options(config) -> None:
         high_ok = value <= bounds.get("at_most", math.inf) and value < bounds.get("below", math.inf)
         if not (low_ok and high_ok):
             raise ConfigError(f.name, f"must be {range_text(bounds)}, got {value}")
+        if isinstance(value, int) and not -2**63 <= value < 2**63:  # past what a tensor or a C int holds
+            raise ConfigError(f.name, f"must be < 2^63, got {value}")
 
 
 def option_default(f):

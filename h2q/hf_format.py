@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from h2q import tokenizer
-from h2q.checkpoint import atomic_write_json, atomic_write_text, read_tensors, save_tensors
+from h2q.checkpoint import atomic_write_json, atomic_write_text, ensure_folder, read_tensors, save_tensors
 from h2q.config import ModelConfig
 from h2q.errors import FileFormatError, H2QError
 from h2q.lora import LINEARS, LoraAdapter, LoraConfig
@@ -340,8 +340,8 @@ def import_peft(folder: str | Path, base: Transformer) -> tuple[LoraAdapter, str
 
 # -- output folders --------------------------------------------------------------------------------
 def check_output(out_dir: str | Path, inputs, files, overwrite: bool = False) -> Path:
-    """OUT may be none of the input folders (nor hold an input file), and may replace the files it
-    would write only with `overwrite`."""
+    """OUT (made if missing) may be none of the input folders (nor hold an input file), nor a file,
+    and may replace the files it would write only with `overwrite`."""
     out_dir = Path(out_dir).resolve()
     for given in inputs:
         folder = Path(given).resolve()
@@ -351,4 +351,4 @@ def check_output(out_dir: str | Path, inputs, files, overwrite: bool = False) ->
     taken = [name for name in files if (out_dir / name).exists()]
     if taken and not overwrite:
         raise H2QError(f"--out {out_dir} already holds {', '.join(taken)}; choose a new folder or pass --overwrite")
-    return out_dir
+    return ensure_folder(out_dir, "--out")

@@ -87,6 +87,15 @@ def target_shapes(cfg: ModelConfig, targets) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def check_rank(cfg: ModelConfig, r: int, targets=tuple(LINEARS), field: str = "lora_rank") -> None:
+    """A rank above the narrowest adapted linear (min of its in and out features) adds parameters and
+    memory but no rank: refused, naming `field` (the flag that set it)."""
+    limit = min(min(shape) for shape in target_shapes(cfg, targets).values())
+    if r > limit:
+        raise ConfigError(field, f"must be at most {limit} for this model (the narrowest adapted linear's width; "
+                                 f"a higher rank adds no rank), got {r}")
+
+
 class _LoraFactors(nn.Module):
     """Storage shared by one adapter (lead=()) and a bank (lead=(N,)): per target key, A (*lead, r, in)
     and B (*lead, out, r) in two ParameterLists, so `parameters()` is exactly the adapter tensors."""

@@ -1,6 +1,6 @@
-"""The hardware a run uses: the device (`resolve_device`), torch's CPU thread count (`ThreadPolicy`), and
-the measured figures the benchmarks compare against: the matmul peak of this device, and how long a
-model's weight matmuls alone take at a given number of rows.
+"""The hardware a run uses: the device (`resolve_device`) and its memory (`device_memory`), torch's CPU
+thread count (`ThreadPolicy`), and the measured figures the benchmarks compare against: the matmul
+peak of this device, and how long a model's weight matmuls alone take at a given number of rows.
 
 MFU (PaLM, Chowdhery et al. 2022) divides a model's FLOPs per second by the hardware's peak; here the
 peak is measured, not taken from a data sheet, so a figure means "of what this machine really does".
@@ -38,6 +38,17 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", "cuda was asked for but torch sees no CUDA device; use cpu")
     return torch.device(name)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on `device` (a GPU's total, or the machine's RAM for cpu); None where the OS
+    gives no figure. The size checks compare floors of a run's use against it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def median_seconds(work, device, repeats: int, warmup_s: float) -> float:

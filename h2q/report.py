@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from h2q.checkpoint import ADAPTER_CONFIG_FILE as CONFIG_FILE
-from h2q.checkpoint import ADAPTER_FILE, STATE_FILE, atomic_write, atomic_write_text, read_tensors
+from h2q.checkpoint import ADAPTER_FILE, STATE_FILE, atomic_write, atomic_write_text, ensure_folder, read_tensors
 from h2q.errors import FileFormatError, H2QError
 from h2q.evolve import records, stats
 from h2q.evolve.records import read_json, read_jsonl
@@ -947,8 +947,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     run_dir = Path(run_dir)
     kind = detect_kind(run_dir)
     _require_matplotlib()
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_folder(out_dir if out_dir is not None else run_dir / "report", "--out")
     name, sections = SECTIONS[kind]
     title = f"h2q {name} run: {run_dir.resolve().name}"
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

@@ -55,7 +55,7 @@ from h2q.errors import ConfigError, FileFormatError, H2QError
 from h2q.model import Transformer
 from h2q.monitor import Monitor, log_training_eval
 from h2q.optim import Optimizers, torch_state_from_tensors, torch_state_to_tensors
-from h2q.perf import ThreadPolicy
+from h2q.perf import ThreadPolicy, device_memory
 
 
 @dataclass
@@ -109,9 +109,6 @@ class TrainConfig:
 
     def __post_init__(self):
         check_options(self)
-        for name, value in asdict(self).items():
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 2**63:
-                raise ConfigError(name, f"must be < 2**63, got {value}")  # past what a tensor or a C int holds
         if self.threads != "auto" and not (self.threads.isdigit() and int(self.threads) > 0):
             raise ConfigError("threads", f"must be a positive number or auto, got {self.threads!r}")
         if self.steps and self.epochs:
@@ -318,6 +315,7 @@ class Run:
         if self.out.resolve() == checkpoint.resolve_model_file(cfg.init_from).parent.resolve():
             raise H2QError("--out must differ from the --init-from base folder (e.g. checkpoints/adapters/NAME)")
         self.model, _ = checkpoint.load_model(cfg.init_from, self.device)
+        lora.check_rank(self.model.config, cfg.lora_rank)
         lora.freeze_base(self.model)
         self.adapter = lora.LoraAdapter(self.model, lora.LoraConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha)).to(self.device)
         self.trainable = self.adapter
@@ -731,14 +729,8 @@ def check_memory(cfg: TrainConfig, block_size: int, vocab_size: int, device: tor
     the device's memory: a floor under its real use, so nothing that could fit is refused."""
     tokens = cfg.batch_size * block_size
     floor = tokens * (2 * 4 * vocab_size + 4 * 8)
-    if device.type == "cuda":
-        have = torch.cuda.get_device_properties(device).total_memory
-    else:
-        try:
-            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):  # no sysconf figure: nothing to compare with
-            return
-    if floor > have:
+    have = device_memory(device)
+    if have is not None and floor > have:
         raise ConfigError("batch_size", f"{cfg.batch_size} x block {block_size} needs over {floor / 2**30:,.1f} GiB "
                                         f"per micro-step, this {device.type} has {have / 2**30:,.1f} GiB; lower it "
                                         f"(--grad-accum N keeps the tokens per step)")

@@ -14,7 +14,8 @@ judged against what the value or the damage is:
 * traceback: an exception other than the library's own errors;
 * silent acceptance: exit code 0 for a value out of its range or a damage the reader should see;
 * damaged files: a file that was there before changed, other than the run's own output of an
-  accepted run; or a lock or temporary file left behind;
+  accepted run;
+* left behind: a lock or temporary file, or a new empty folder;
 * timeout: the case ran past its time limit.
 
 tests/test_reliability.py makes its runs with `make_assets` too.
@@ -75,7 +76,8 @@ def entry_points() -> dict:
         return module.main
 
     return {"train": train_main, "evolve": evolve_main, "infer": infer_main, "quantize": script("quantize"),
-            "report": script("report"), "prepare": script("prepare_data")}
+            "report": script("report"), "prepare": script("prepare_data"), "export": script("export"),
+            "import": script("import")}
 
 
 def make_assets(root: Path) -> Path:
@@ -152,6 +154,10 @@ SMALL_SIZES = {"--steps": 3, "--cycles": 2, "--agents": 4, "--eval-episodes": 2,
                "--calib-batch-size": 2, "--memory": 2, "--grad-accum": 2, "--eval-batches": 2, "--calib-len": 16}
 
 
+# flags whose huge valid values only make a run long: never drawn huge
+LONG_RUNS = {"--steps", "--cycles", "--eval-episodes", "--grad-accum", "--eval-batches"}
+
+
 def draw_value(rng: random.Random, flag: str, kind: type, bounds: dict, choices) -> tuple[str, bool]:
     """(a value as typed on the command line, whether it is valid for the flag)."""
     if kind is bool:
@@ -176,8 +182,9 @@ def draw_value(rng: random.Random, flag: str, kind: type, bounds: dict, choices)
         return str(below), False
     if pick < 0.6 and high is not None:
         return str(high + 1 if kind is int else high + rng.choice([1e-6, 1.0, 1e30])), False
-    if pick < 0.65 and flag not in SMALL_SIZES:  # past any size: refused, or honoured (a save interval)
-        return "99999999999999999999999", high is None
+    if pick < 0.65 and flag not in LONG_RUNS:  # sizes past memory, or past 64 bits: refused, or honoured (an interval)
+        huge = rng.choice([10**9, 2**62, 10**23])
+        return str(huge), high is None or huge < high or (huge == high and "at_most" in bounds)
     start = low if low is not None else 0
     if kind is int:
         start += 1 if "above" in bounds or (flag in SMALL_SIZES and start == 0) else 0  # --steps 0: 15 minutes
@@ -276,19 +283,22 @@ def damage(rng: random.Random, root: Path, name: str) -> str:
         return f"flip {count} bytes{' of the header' if op == 'flip_header' else ''}"
     if op == "json":
         value = rng.choice([[], {}, "x", 1, None, {"format": "h2q-lora-v1"}])
+        what = f"json replaced by {json.dumps(value)}"
         try:
             obj = json.loads(bytes(data))
             if isinstance(obj, dict) and obj and rng.random() < 0.6:
                 key = rng.choice(sorted(obj))
                 if rng.random() < 0.5:
                     del obj[key]
+                    what = f"json key {key!r} deleted"
                 else:
                     obj[key] = value
+                    what = f"json key {key!r} set to {json.dumps(value)}"
                 value = obj
         except ValueError:
             pass
         path.write_text(json.dumps(value))
-        return f"json {json.dumps(value)[:60]}"
+        return what
     header = json.loads(bytes(data[8:header_end(data)]))  # op == "header"
     entries = [v for k, v in sorted(header.items()) if k != "__metadata__"]
     entry = rng.choice(entries)
@@ -337,8 +347,10 @@ def sees_the_same(original: bytes, damaged: bytes, name: str) -> bool:
 def _same_safetensors(a, b, raw_a: bytes, raw_b: bytes) -> bool:
     def meta(raw):
         return json.loads(raw[8:header_end(raw)]).get("__metadata__")
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a) \
-        and meta(raw_a) == meta(raw_b)
+    def same(x, y):  # bit for bit (a NaN equals itself)
+        return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.reshape(-1).view(torch.uint8),
+                                                                         y.reshape(-1).view(torch.uint8))
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a) and meta(raw_a) == meta(raw_b)
 
 
 def file_case(rng: random.Random, root: Path) -> dict:
@@ -354,6 +366,19 @@ def file_case(rng: random.Random, root: Path) -> dict:
 # -- running and judging a case ------------------------------------------------------------------------------
 def snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def folders(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir()}
+
+
+def left_behind(root: Path, before: dict[str, bytes], before_folders: set[str]) -> list[str]:
+    """What a run left that it should not: a lock or temporary file, or a new empty folder (the --out
+    of a run refused at its start)."""
+    left = [name for name in snapshot(root).keys() - before.keys()
+            if Path(name).name == checkpoint.LOCK_FILE or checkpoint.STALE_TEMP.fullmatch(Path(name).name)]
+    left += [f"{name}/" for name in folders(root) - before_folders if not any((root / name).iterdir())]
+    return sorted(left)
 
 
 def run_forked(main, argv: list[str], root: Path) -> tuple[object, str]:
@@ -387,7 +412,7 @@ def run_forked(main, argv: list[str], root: Path) -> tuple[object, str]:
     return pickle.loads(raw) if raw else ("timeout", "")
 
 
-def judge(case: dict, code, err: str, before: dict, after: dict) -> list[str]:
+def judge(case: dict, code, err: str, before: dict, after: dict, left: list[str]) -> list[str]:
     """The case's verdicts: one of clean/accepted/traceback/silent/timeout, plus damaged/left."""
     lines = [line for line in err.splitlines() if line.strip()]
     if code == "timeout":
@@ -403,8 +428,7 @@ def judge(case: dict, code, err: str, before: dict, after: dict) -> list[str]:
     free = tuple(f"{o}/" for o in case["outputs"]) if code == 0 else ()
     if any(after.get(name) != data for name, data in before.items() if not name.startswith(free)):
         verdicts.append("damaged")
-    if code != "timeout" and any(Path(n).name == checkpoint.LOCK_FILE or checkpoint.STALE_TEMP.fullmatch(Path(n).name)
-                                 for n in set(after) - set(before)):  # a killed run leaves them, as a kill -9 does
+    if code != "timeout" and left:  # a killed run leaves them, as a kill -9 does
         verdicts.append("left")
     return verdicts
 
@@ -430,17 +454,19 @@ def main(argv=None) -> int:
             shutil.rmtree(root, ignore_errors=True)
             shutil.copytree(assets, root)
             case = file_case(rng, root) if rng.random() < 0.5 else flag_case(rng, specs)
-            before = snapshot(root)
+            before, before_folders = snapshot(root), folders(root)
             code, err = run_forked(mains[case["entry"]], case["argv"], root)
             tried += 1
-            for verdict in judge(case, code, err, before, snapshot(root)):
+            left = left_behind(root, before, before_folders)
+            for verdict in judge(case, code, err, before, snapshot(root), left):
                 counts[verdict] += 1
                 if verdict not in ("clean", "accepted"):
                     last = (err.strip().splitlines() or [""])[-1][:160]
-                    examples.setdefault(verdict, []).append(f"{case['what']} -> {code}: {last}")
+                    extra = f" (left {', '.join(left)})" if verdict == "left" else ""
+                    examples.setdefault(verdict, []).append(f"{case['what']} -> {code}: {last}{extra}")
         print(f"fuzz_cli: {tried} cases in {time.time() - start:.0f} s (seed {args.seed})")
         print("| cases | clean errors | accepted | tracebacks | silent acceptances | unclear | timeouts "
-              "| damaged files | left lock/temp |")
+              "| damaged files | left behind |")
         print("|---|---|---|---|---|---|---|---|---|")
         print(f"| {tried} | {counts['clean']} | {counts['accepted']} | {counts['traceback']} | {counts['silent']} "
               f"| {counts['unclear']} | {counts['timeout']} | {counts['damaged']} | {counts['left']} |")

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from h2q import checkpoint, gptq, quant  # noqa: E402
 from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, run_main  # noqa: E402
 from h2q.errors import ConfigError, FileFormatError, H2QError  # noqa: E402
+from h2q.perf import device_memory  # noqa: E402
 
 
 def calibration_batches(data_dir, context_len: int, batches: int, batch_size: int, seq_len: int | None, seed: int):
@@ -43,12 +44,9 @@ def check_calibration_flags(args) -> None:
         if value is not None and value < 1:
             raise ConfigError(name, f"must be >= 1, got {value}")
     if not 0 <= args.seed < 2**63:
-        raise ConfigError("seed", f"must be >= 0 and < 2**63, got {args.seed}")
+        raise ConfigError("seed", f"must be >= 0 and < 2^63, got {args.seed}")
     window_bytes = args.calib_batches * args.calib_batch_size * (args.calib_len or 1) * 8  # int64 ids, all held
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        memory = None
+    memory = device_memory(torch.device("cpu"))  # the windows are held on the host
     if args.gptq and memory and window_bytes > memory:
         raise ConfigError("calib_batches", f"x --calib-batch-size x --calib-len needs {window_bytes / 2**30:,.1f} GiB "
                                            f"of windows, more than this machine's {memory / 2**30:,.1f} GiB; lower them")

@@ -35,8 +35,6 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise H2QError(f"RUN_DIR {run_dir} is a file; give the run's folder (e.g. checkpoints/base)")
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise H2QError(f"--out {args.out} is a file; give a folder for the figures and report.html")
     print(f"report written to {write_report(args.run_dir, args.out)}")
     return 0
 

@@ -9,7 +9,7 @@ Each row runs in-process through `h2q.cli.run_main` in a fresh copy of a small s
 per session (`assets`, by scripts/fuzz_cli.py's `make_assets`, which fuzzes the same entry points at
 random), and asserts: exit code 2, no traceback, at most 3 lines on stderr, the flag or
 file named, every file that was there before byte-identical afterwards (a few rows name the files a
-failing cycle may legitimately leave appended), and no lock or temporary file left behind.
+failing cycle may legitimately leave appended), and no lock, temporary file or empty folder left behind.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import Callable
 import pytest
 from safetensors import SafetensorError
 
-from h2q import checkpoint
+from h2q import checkpoint, data
 from h2q.cli import run_main
 from h2q.config import PRESETS
 from h2q.evolve import records
@@ -129,6 +129,13 @@ def copy_over(source: str, target: str) -> Callable[[Path], None]:
     return damage
 
 
+def edit_json(name: str, change: Callable) -> Callable[[Path], None]:
+    """Rewrite a JSON file as `change` of its value."""
+    def damage(root: Path):
+        (root / name).write_text(json.dumps(change(json.loads((root / name).read_text()))))
+    return damage
+
+
 def write(name: str, text: str) -> Callable[[Path], None]:
     def damage(root: Path):
         (root / name).write_text(text)
@@ -207,6 +214,8 @@ def quantize_flag(*extra: str, names: str) -> Case:
 RESUME_HALF = train_args("half", 4, "--resume")
 RESUME_EV = ["--base", "base", "--cycles", "2", "--out", "ev", "--resume", *EVOLVE]
 QUANTIZE_BASE = ["--ckpt", "base", "--out", "q"]
+INFER_LORA = ["--ckpt", "base", "--adapter", "lora", "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"]
+UNWRITABLE = "/proc/h2q-reliability/out"  # a folder nobody can make, root included (chmod does not stop root)
 CUTS = ["empty", "prefix", "header", "header_end", "data", "last_byte"]
 FLIPS = [("first", 1), ("middle", 1), ("last", 1), ("random", 4000)]
 
@@ -229,7 +238,14 @@ CASES = [
     *[evolve_flag(f, v) for f, v in [
         ("--temperature", "inf"), ("--temperature", "nan"), ("--lr", "nan"), ("--mutation-rate", "nan"),
         ("--agents", "1"), ("--cycles", "0"), ("--lora-rank", "0"), ("--seed", "-1"), ("--eval-episodes", "0"),
-        ("--elite-frac", "1"), ("--pbt-factor", "nan"), ("--keep-cycles", "-1"), ("--quant", "int3")]],
+        ("--elite-frac", "1"), ("--pbt-factor", "nan"), ("--keep-cycles", "-1"), ("--quant", "int3"),
+        ("--lora-rank", "99999999999999999999999"), ("--lora-rank", "33"), ("--lora-rank", "1000000000"),
+        ("--agents", "1000000000"), ("--agents", str(2**62))]],
+    Case("train --lora-rank above the model's width", "train",
+         train_args("fresh", 2, "--init-from", "base", "--lora-rank", "1000000000"), "--lora-rank"),
+    Case("evolve --max-rank above the model's width", "evolve", ["--base", "base", "--cycles", "1", "--out", "fresh",
+                                                                  *EVOLVE, "--adaptive-rank", "--max-rank", "64"],
+         "--max-rank"),
     quantize_flag("--gptq", "--calib-len", "-5", names="--calib-len"),
     quantize_flag("--gptq", "--calib-batches", "0", names="--calib-batches"),
     quantize_flag("--gptq", "--calib-batches", "100000000000", "--calib-len", "64", names="--calib-batches"),
@@ -250,6 +266,16 @@ CASES = [
     Case("report RUN_DIR FILE", "report", ["afile"], "afile"),
     Case("prepare --data-root FILE", "prepare", ["--data-dir", "corpus", "--data-root", "afile"], "--data-root"),
     Case("quantize --out FILE", "quantize", ["--ckpt", "base", "--out", "afile"], "--out"),
+    Case("train --out unwritable", "train", train_args(UNWRITABLE), "--out"),
+    Case("train --data-root unwritable", "train", [*train_args("fresh"), "--data-root", UNWRITABLE], "--data-root"),
+    Case("evolve --out unwritable", "evolve", ["--base", "base", "--cycles", "1", "--out", UNWRITABLE, *EVOLVE],
+         "--out"),
+    Case("report --out unwritable", "report", ["base", "--out", UNWRITABLE], "--out"),
+    Case("quantize --out unwritable", "quantize", ["--ckpt", "base", "--out", UNWRITABLE], "--out"),
+    Case("export --out FILE", "export", ["--format", "hf", "--ckpt", "base", "--out", "afile"], "--out"),
+    Case("export --out unwritable", "export", ["--format", "hf", "--ckpt", "base", "--out", UNWRITABLE], "--out"),
+    Case("export --out its input", "export", ["--format", "hf", "--ckpt", "base", "--out", "base"], "--out"),
+    Case("import --src not an export", "import", ["--format", "hf", "--src", "base", "--out", "fresh"], "base"),
     # outputs that would overwrite inputs or files of another kind
     Case("quantize --out the float checkpoint's folder", "quantize",
          ["--ckpt", "base/model.safetensors", "--out", "base"], "--out"),
@@ -288,12 +314,15 @@ CASES = [
     Case("another run's train_state", "train", RESUME_HALF, "half",
          copy_over("lora/train_state.safetensors", "half/train_state.safetensors")),
     Case("config.json holding []", "evolve", RESUME_EV, "config.json", write("ev/config.json", "[]")),
+    Case("config.json missing a key", "evolve", RESUME_EV, "config.json",
+         edit_json("ev/config.json", lambda c: {k: v for k, v in c.items() if k != "threads"})),
     Case("config.json garbage", "evolve", RESUME_EV, "config.json", write("ev/config.json", "{not json")),
     Case("metrics.jsonl broken mid-file", "evolve", RESUME_EV, "metrics.jsonl",
          write("ev/metrics.jsonl", '{"cycle": 1}\n{broken\n{"cycle": 1}\n')),
     Case("NaN weights: quantize", "quantize", ["--ckpt", "nanbase", "--out", "q"], "nanbase"),
     Case("NaN weights: train --init-from", "train", train_args("fresh", 2, "--init-from", "nanbase", "--lora-rank", "4"),
          "nanbase"),
+    Case("NaN weights: infer", "infer", ["--ckpt", "nanbase", *INFER_LORA[4:]], "nanbase"),
     Case("NaN weights: evolve --base", "evolve", ["--base", "nanbase", "--cycles", "1", "--out", "fresh", *EVOLVE],
          "nanbase"),
     # corrupt, truncated, bit-flipped, retyped files
@@ -304,7 +333,8 @@ CASES = [
     Case("model garbage", "quantize", QUANTIZE_BASE, "model.safetensors", garbage("base/model.safetensors")),
     Case("model dtype F32 -> I32", "quantize", QUANTIZE_BASE, "model.safetensors",
          edit_header("base/model.safetensors", retype)),
-    Case("model shape swapped", "quantize", QUANTIZE_BASE, "model.safetensors", edit_header("base/model.safetensors", swap_shape)),
+    Case("model shape swapped", "quantize", QUANTIZE_BASE, "model.safetensors",
+         edit_header("base/model.safetensors", swap_shape)),
     Case("model flip: evolve --base", "evolve", ["--base", "base", "--cycles", "1", "--out", "fresh", *EVOLVE],
          "model.safetensors", flip("base/model.safetensors", "middle")),
     Case("model flip: train --init-from", "train", train_args("fresh", 2, "--init-from", "base", "--lora-rank", "4"),
@@ -327,6 +357,15 @@ CASES = [
          flip("ev/state/env_c001_r0.safetensors", "last")),
     Case("learner state missing", "evolve", RESUME_EV, "env_c001_r0.safetensors",
          lambda root: (root / "ev/state/env_c001_r0.safetensors").unlink()),
+    *[Case(f"adapter_config.json {what}", "infer", INFER_LORA, "adapter_config.json",
+           edit_json("lora/adapter_config.json", change))
+      for what, change in [("lora_alpha edited", lambda c: {**c, "lora_alpha": 1}),
+                           ("use_rslora as a string", lambda c: {**c, "use_rslora": "false"}),
+                           ("r deleted", lambda c: {k: v for k, v in c.items() if k != "r"}),
+                           ("holding []", lambda c: [])]],
+    Case("adapter weights flipped", "infer", INFER_LORA, "adapter_model.safetensors",
+         flip("lora/adapter_model.safetensors", "middle")),
+    Case("adapter on another base", "infer", [*INFER_LORA, "--ckpt", "base2"], "base"),
     # a second run on a held folder
     Case("train while another holds --out", "train", RESUME_HALF, "pid", inject=held_lock("half")),
     Case("train fresh while another holds --out", "train", train_args("fresh"), "pid", inject=held_lock("fresh")),
@@ -355,7 +394,7 @@ class Outcome:
     code: int | str  # the exit code, or "traceback" when an exception escaped run_main
     err: str
     damaged: list[str] = field(default_factory=list)
-    left: list[str] = field(default_factory=list)  # lock or temporary files left behind
+    left: list[str] = field(default_factory=list)  # lock or temporary files or empty folders left behind
 
 
 def run_case(case: Case, root: Path, monkeypatch, capsys) -> Outcome:
@@ -363,7 +402,7 @@ def run_case(case: Case, root: Path, monkeypatch, capsys) -> Outcome:
     monkeypatch.chdir(root)
     if case.setup:
         case.setup(root)
-    before = snapshot(root)
+    before, before_folders = snapshot(root), FUZZ.folders(root)
     if case.inject:
         case.inject(root, monkeypatch)
     capsys.readouterr()
@@ -380,9 +419,7 @@ def run_case(case: Case, root: Path, monkeypatch, capsys) -> Outcome:
     after = snapshot(root)
     damaged = [name for name, data in before.items() if after.get(name) != data
                and not (name in case.may_grow and name in after)]
-    left = [name for name in set(after) - set(before)
-            if Path(name).name == checkpoint.LOCK_FILE or checkpoint.STALE_TEMP.fullmatch(Path(name).name)]
-    return Outcome(code, err, damaged, sorted(left))
+    return Outcome(code, err, damaged, FUZZ.left_behind(root, before, before_folders))
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.slow else [])
@@ -426,17 +463,21 @@ def test_resume_of_a_finished_run_keeps_its_files(assets, tmp_path, monkeypatch,
 
 
 def test_a_stale_lock_and_stale_temp_files_are_taken_over(assets, tmp_path, monkeypatch):
-    """A lock file whose holder died (no flock on it) and the temporary files of a killed save: the
-    next run takes the folder and removes them; readers never read them."""
+    """A lock file whose holder died (no flock on it) and the temporary files of a killed save or
+    corpus preparation: the next run takes the folder and removes them; readers never read them."""
     root = tmp_path / "runs"
     shutil.copytree(assets, root)
     monkeypatch.chdir(root)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     (root / "half" / checkpoint.LOCK_FILE).write_text(dead.stdout)
+    corpus = str((root / "corpus").resolve()).encode()
+    prepared = root / "prep" / f"corpus-{data.sha256_bytes(corpus)[:8]}"  # where this copy's corpus is prepared
     stale = [root / "half" / ".train_state.safetensors.0123456789ab.tmp", root / "half" / ".tmpAb12Cd",
              root / "ev" / "state" / ".evolve_state.safetensors.ba9876543210.tmp",
-             root / "ev" / "cycle_001" / "agent_00" / ".tmpZz99Yy"]
+             root / "ev" / "cycle_001" / "agent_00" / ".tmpZz99Yy",
+             prepared / ".train.bin.0123456789ab.tmp"]  # a kill while preparing the corpus
+    prepared.mkdir(parents=True, exist_ok=True)
     for path in stale:
         path.write_bytes(b"half a file")
     assert run_main(MAINS['train'], RESUME_HALF) == 0

@@ -124,7 +124,8 @@ def start_fresh(out: Path, config: dict) -> None:
 
 
 def check_resumable(out: Path, config: dict, may_change: set[str]) -> None:
-    """The saved run's settings must equal `config` except the keys in `may_change`."""
+    """The saved run's settings must hold every key of `config` and equal it except the keys in
+    `may_change`."""
     if not (out / STATE_DIR / STATE_FILE).exists() or not (out / CONFIG).exists():
         raise H2QError(f"--resume: no evolve state in {out}; start without --resume")
     try:
@@ -134,6 +135,10 @@ def check_resumable(out: Path, config: dict, may_change: set[str]) -> None:
     if not isinstance(saved, dict):
         raise H2QError(f"--resume: {out / CONFIG} holds a JSON {type(saved).__name__}, not the run's settings; "
                        f"restore it or start a new run")
+    missing = sorted(config.keys() - saved.keys())
+    if missing:
+        raise H2QError(f"--resume: {out / CONFIG} lacks {', '.join(missing[:4])} (damaged, or written by another "
+                       f"version); restore it or start a new run")
     changed = sorted(k for k in config if k not in may_change and saved.get(k) != config[k])
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {config[k]!r}" for k in changed[:4])

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from h2q import checkpoint, quant
 from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, resolve_device, run_main
 from h2q.config import PRESETS, check_options, option
-from h2q.errors import H2QError
+from h2q.errors import ConfigError, H2QError
 from h2q.evolve import board, records
 from h2q.evolve.evolution import LEARNS, BreedConfig, Evaluation, Population, diversity, next_generation
 from h2q.evolve.grid_env import FITNESS, AgentKnobs, GridEnv
@@ -50,10 +50,10 @@ from h2q.evolve.social_env import SocialConfig, SocialEnv
 from h2q.evolve.text_env import TextConfig, TextEnv
 from h2q.evolve.render import Renderer
 from h2q.evolve.world import WorldConfig
-from h2q.lora import AdapterBank, LoraConfig, freeze_base
+from h2q.lora import LINEARS, AdapterBank, LoraConfig, check_rank, freeze_base, target_shapes
 from h2q.model import Transformer
 from h2q.monitor import Monitor
-from h2q.perf import ThreadPolicy
+from h2q.perf import ThreadPolicy, device_memory
 
 PURPOSES = {"init": 1, "live": 2, "eval": 3, "breed": 4}
 DEFAULT_STEPS = {"grid": 200, "text": 20, "social": 8}
@@ -181,6 +181,17 @@ def load_base(cfg: EvolveConfig, device: torch.device) -> Transformer:
     return freeze_base(model).eval()
 
 
+def check_population_memory(config, agents: int, rank: int, device: torch.device) -> None:
+    """Refuse a population whose adapter bank alone (float32 A and B of every agent) exceeds the
+    device's memory: a floor under its real use (gradients, optimizer states, children come on top)."""
+    floor = 4 * agents * sum(rank * (fan_in + fan_out) for fan_in, fan_out in target_shapes(config, LINEARS).values())
+    have = device_memory(device)
+    if have is not None and floor > have:
+        raise ConfigError("agents", f"{agents}: adapters of rank {rank} need over {floor / 2**30:,.1f} GiB for their "
+                                    f"bank alone, this {device.type} has {have / 2**30:,.1f} GiB; use fewer "
+                                    f"agents or a lower --lora-rank")
+
+
 class Runner:
     """One evolve run in one process: base, population, this process's environment, records."""
 
@@ -193,6 +204,10 @@ class Runner:
         self.lead = self.group.rank == 0
         self.monitor = Monitor(cfg.tensorboard if self.lead else None, resumed=cfg.resume)
         self.model = load_base(cfg, self.device)
+        check_rank(self.model.config, cfg.lora_rank)
+        if breed.adaptive_rank:  # the bank holds the highest rank a child may reach
+            check_rank(self.model.config, breed.bank_rank(cfg.lora_rank), field="max_rank")
+        check_population_memory(self.model.config, cfg.agents, breed.bank_rank(cfg.lora_rank), self.device)
         self.out = Path(self.group.broadcast_json(str(records.resolve_out(cfg.out, cfg.resume))))
         lora_config = LoraConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha)
         init = torch.Generator().manual_seed(seed_for(cfg.seed, 0, "init"))
