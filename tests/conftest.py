@@ -32,3 +32,14 @@ def text_dir(tmp_path):
         body = " ".join(words[(i + j) % len(words)] for j in range(300))
         (folder / f"doc{i:02d}.txt").write_text(f"Document {i}.\n{body}\n", encoding="utf-8")
     return folder
+
+
+def tiny_train_config(text_dir, out, **kw):
+    """A TrainConfig of a tiny-preset run of 20 steps on `text_dir`, one thread (a measured thread
+    choice could change between a run and its resume, and with it the floating-point sums)."""
+    from h2q.train import TrainConfig
+
+    base = dict(data_dir=str(text_dir), data_root=str(out.parent / "prepared"), out=str(out), preset="tiny",
+                steps=20, batch_size=4, eval_every=10, eval_batches=2, save_every=10, warmup=5,
+                device="cpu", threads="1", progress=False)
+    return TrainConfig(**{**base, **kw})

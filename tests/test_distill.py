@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+from conftest import tiny_train_config
 import torch
 import torch.nn.functional as F
 
@@ -19,10 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(text_dir, out, **kw):
-    base = dict(data_dir=str(text_dir), data_root=str(out.parent / "prepared"), out=str(out), preset="tiny",
-                steps=8, batch_size=4, block_size=32, eval_every=4, eval_batches=2, save_every=4, warmup=2,
-                device="cpu", progress=False)
-    return TrainConfig(**{**base, **kw})
+    return tiny_train_config(text_dir, out, **{**dict(steps=8, block_size=32, eval_every=4, save_every=4, warmup=2), **kw})
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_train_config
 import torch
 
 from h2q.config import PRESETS
@@ -35,10 +36,7 @@ def events(folder):
 
 
 def tiny_config(text_dir, out, **kw):
-    base = dict(data_dir=str(text_dir), data_root=str(out.parent / "prepared"), out=str(out), preset="tiny",
-                steps=8, batch_size=4, block_size=32, eval_every=4, eval_batches=2, save_every=4, warmup=2,
-                device="cpu", progress=False)
-    return TrainConfig(**{**base, **kw})
+    return tiny_train_config(text_dir, out, **{**dict(steps=8, block_size=32, eval_every=4, save_every=4, warmup=2), **kw})
 
 
 def test_without_the_package_the_flag_is_one_line_with_the_fix(monkeypatch, tmp_path):

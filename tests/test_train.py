@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_train_config
 import torch
 from safetensors.torch import load_file
 
@@ -16,10 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(text_dir, out, **kw):
-    base = dict(data_dir=str(text_dir), data_root=str(out.parent / "prepared"), out=str(out), preset="tiny",
-                steps=20, batch_size=4, eval_every=10, eval_batches=2, save_every=10, warmup=5,
-                device="cpu", threads="1", progress=False)
-    return TrainConfig(**{**base, **kw})
+    return tiny_train_config(text_dir, out, **kw)
 
 
 def test_resume_is_exact(text_dir, tmp_path):
