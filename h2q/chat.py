@@ -429,7 +429,7 @@ def demo(cfg: InferConfig, out=None) -> int:
     """A scripted tour: the base continuing prompts, weight and KV-cache variants side by side with
     their speed and memory, and two evolved agents' adapters if an evolve run exists."""
     out = out or sys.stdout
-    say = lambda text="": print(text, file=out, flush=True)  # noqa: E731
+    say = lambda text="": print(text, file=out, flush=True)
     cfg.seed = 0 if cfg.seed is None else cfg.seed  # the tour is the same every time
     cfg.max_new_tokens = min(cfg.max_new_tokens, 120)
     session = Session(cfg, records.resolve_adapter)

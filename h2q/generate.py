@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from typing import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 
 import torch
 

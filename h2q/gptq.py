@@ -16,7 +16,7 @@ the data-aware twin of h2q.quant.quantize (this module imports quant; quant neve
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from h2q.quant import INT4_GRID, INT8_GRID, Int4Linear, Int8Linear, QuantScheme, fit_rows, grid_codes, quantize_with
 
@@ -93,7 +93,7 @@ def gptq_linears(model: nn.Module, scheme: QuantScheme, calibration: list[torch.
     cos_sin = model.rotary.cos_sin(torch.arange(T))
     hidden = [model.embed(ids) for ids in calibration]  # (B, T, C) each
     for block in model.layers:
-        run = lambda: [block(h, model.rotary, cos_sin, None, None) for h in hidden]  # noqa: E731
+        run = lambda: [block(h, model.rotary, cos_sin, None, None) for h in hidden]
         for name, H in _hessians(block, run).items():
             parent, _, child = name.rpartition(".")
             linear = getattr(block.get_submodule(parent), child)

@@ -33,8 +33,8 @@ import weakref
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from h2q.config import ModelConfig, check_options, option
 from h2q.errors import ConfigError, H2QError
@@ -160,7 +160,7 @@ class LoraAdapter(_LoraFactors):
         i = self.slot[key]
         return self.scaling * (self.lora_B[i].float() @ self.lora_A[i].float())
 
-    def clone(self) -> "LoraAdapter":
+    def clone(self) -> LoraAdapter:
         child = LoraAdapter(self.base_config, self.config, init=False).to(self.lora_A[0].device)
         with torch.no_grad():
             for mine, theirs in zip(child.parameters(), self.parameters()):
@@ -244,7 +244,7 @@ class AdapterBank(_LoraFactors):
         return self.n
 
     @classmethod
-    def from_adapters(cls, adapters: list[LoraAdapter]) -> "AdapterBank":
+    def from_adapters(cls, adapters: list[LoraAdapter]) -> AdapterBank:
         check_compatible(adapters)
         bank = cls(adapters[0].base_config, adapters[0].config, len(adapters), init=False)
         bank = bank.to(adapters[0].lora_A[0].device)
@@ -269,7 +269,7 @@ class AdapterBank(_LoraFactors):
             for stacked, theirs in zip(self.parameters(), adapter.parameters()):
                 stacked[i].copy_(theirs)
 
-    def bind(self, index) -> "BoundBank":
+    def bind(self, index) -> BoundBank:
         """The `adapters` callable for a batch: row b uses slot index[b], -1 = the base alone."""
         return BoundBank(self, index)
 

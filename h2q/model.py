@@ -36,8 +36,8 @@ import json
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from h2q.config import ModelConfig
 

@@ -40,8 +40,8 @@ import json
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from h2q.config import option
 from h2q.errors import ConfigError, H2QError
@@ -181,7 +181,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 _KERNEL_ERRORS = (AttributeError, RuntimeError, NotImplementedError)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _int8_kernel_ok(out_features: int, in_features: int) -> bool:
     """Does this torch's CPU int8 weight-only kernel take this shape? Probed once per shape."""
     try:
@@ -193,7 +193,7 @@ def _int8_kernel_ok(out_features: int, in_features: int) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _int4_kernel_ok(out_features: int, in_features: int, group_size: int) -> bool:
     try:
         packed = torch._convert_weight_to_int4pack_for_cpu(
@@ -206,7 +206,7 @@ def _int4_kernel_ok(out_features: int, in_features: int, group_size: int) -> boo
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unit_scales(n: int) -> torch.Tensor:
     """Ones for the int8 kernel's bf16 scales, one CPU tensor per width shared by every layer."""
     return torch.ones(n, dtype=torch.bfloat16)
@@ -249,14 +249,14 @@ class Int8Linear(nn.Module):
         self.set_kernel(True)
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor) -> "Int8Linear":
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor) -> Int8Linear:
         """codes int8 (N, K), scales fp32 (N,)."""
         layer = cls(codes.shape[1], codes.shape[0], device=codes.device)
         layer.qweight, layer.scales = codes, scales
         return layer
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, clip_search: bool = True) -> "Int8Linear":
+    def from_float(cls, linear: nn.Linear, clip_search: bool = True) -> Int8Linear:
         return cls.from_codes(*quantize_int8(linear.weight.detach(), clip_search))
 
     def set_kernel(self, enabled: bool) -> None:
@@ -303,7 +303,7 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   group_size: int) -> "Int4Linear":
+                   group_size: int) -> Int4Linear:
         """codes uint8 (N, K) in [0, 15], scales and zeros bf16 (N, K / group_size)."""
         layer = cls(codes.shape[1], codes.shape[0], group_size, device=codes.device)
         layer.qweight, layer.scales, layer.zeros = pack_int4(codes), scales, zeros
@@ -311,7 +311,7 @@ class Int4Linear(nn.Module):
         return layer
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int = 64, clip_search: bool = True) -> "Int4Linear":
+    def from_float(cls, linear: nn.Linear, group_size: int = 64, clip_search: bool = True) -> Int4Linear:
         return cls.from_codes(*quantize_int4(linear.weight.detach(), group_size, clip_search), group_size)
 
     def set_kernel(self, enabled: bool) -> None:
@@ -398,7 +398,7 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scales", torch.ones(num_embeddings, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_float(cls, embedding: nn.Embedding, clip_search: bool = True) -> "Int8Embedding":
+    def from_float(cls, embedding: nn.Embedding, clip_search: bool = True) -> Int8Embedding:
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, device=embedding.weight.device)
         layer.qweight, layer.scales = quantize_int8(embedding.weight.detach(), clip_search)
         return layer
@@ -435,7 +435,7 @@ class QuantScheme:
         return json.dumps({"format": FORMAT, **asdict(self)}, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, path="checkpoint") -> "QuantScheme":
+    def from_json(cls, text: str, path="checkpoint") -> QuantScheme:
         try:
             d = json.loads(text)
             if d.pop("format", None) != FORMAT:
@@ -490,9 +490,9 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, clip_se
     place, each weight rounded on its own grid. GPTQ, which uses calibration data, is h2q.gptq.quantize."""
     scheme = QuantScheme(mode, group_size, clip_search, embedding)
     if scheme.mode == "int8":
-        make = lambda _, lin: Int8Linear.from_float(lin, clip_search)  # noqa: E731
+        make = lambda _, lin: Int8Linear.from_float(lin, clip_search)
     else:
-        make = lambda _, lin: Int4Linear.from_float(lin, scheme.group_size, clip_search)  # noqa: E731
+        make = lambda _, lin: Int4Linear.from_float(lin, scheme.group_size, clip_search)
     return quantize_with(model, scheme, lambda: _swap_linears(model, make))
 
 

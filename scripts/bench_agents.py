@@ -23,17 +23,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from h2q.checkpoint import atomic_write_json, load_model  # noqa: E402
-from h2q.cli import resolve_device, run_main  # noqa: E402
-from h2q.config import PRESETS  # noqa: E402
-from h2q.errors import H2QError  # noqa: E402
-from h2q.evolve import OraclePolicy, RandomPolicy, World, WorldConfig, evaluate_policy, run_episode  # noqa: E402
-from h2q.evolve.agent import KV_POLICIES, AgentConfig, AgentPolicy, make_bank  # noqa: E402
-from h2q.evolve.learner import Learner, LearnerConfig  # noqa: E402
-from h2q.evolve.render import Renderer  # noqa: E402
-from h2q.lora import freeze_base  # noqa: E402
-from h2q.model import Transformer  # noqa: E402
-from h2q.perf import matmul_peak_gflops, weight_matmul_seconds  # noqa: E402
+from h2q.checkpoint import atomic_write_json, load_model
+from h2q.cli import resolve_device, run_main
+from h2q.config import PRESETS
+from h2q.errors import H2QError
+from h2q.evolve import OraclePolicy, RandomPolicy, World, WorldConfig, evaluate_policy, run_episode
+from h2q.evolve.agent import KV_POLICIES, AgentConfig, AgentPolicy, make_bank
+from h2q.evolve.learner import Learner, LearnerConfig
+from h2q.evolve.render import Renderer
+from h2q.lora import freeze_base
+from h2q.model import Transformer
+from h2q.perf import matmul_peak_gflops, weight_matmul_seconds
 
 
 def parse_args(argv):

@@ -46,7 +46,7 @@ def step_cost_ratio(student_preset: str, teacher, cfg: TrainConfig, corpus, devi
     model = Transformer(PRESETS[student_preset]).to(device)
     optimizer = make_optimizer(list(model.named_parameters()), cfg, device)
     objective = Distillation(teacher, cfg.distill_alpha, cfg.distill_temperature)
-    plain = lambda logits, x, y: F.cross_entropy(logits.flatten(0, 1), y.flatten())  # noqa: E731
+    plain = lambda logits, x, y: F.cross_entropy(logits.flatten(0, 1), y.flatten())
     sampler = torch.Generator().manual_seed(0)
     times = {"plain": [], "distill": []}
     for rep in range(reps + 2):

@@ -41,15 +41,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from h2q import checkpoint  # noqa: E402
-from h2q.evolve import RandomPolicy, WorldConfig, records, same_view_planner, stats  # noqa: E402
-from h2q.evolve.agent import PREFIXES, AgentConfig, AgentPolicy  # noqa: E402
-from h2q.evolve.evolution import BreedConfig  # noqa: E402
-from h2q.evolve.grid_env import heldout_food_rates  # noqa: E402
-from h2q.evolve.run import EvolveConfig, evolve, load_base  # noqa: E402
-from h2q.evolve.text_env import TextConfig  # noqa: E402
-from h2q.evolve.world import obs_len  # noqa: E402
-from h2q.lora import AdapterBank  # noqa: E402
+from h2q import checkpoint
+from h2q.evolve import RandomPolicy, WorldConfig, records, same_view_planner, stats
+from h2q.evolve.agent import PREFIXES, AgentConfig, AgentPolicy
+from h2q.evolve.evolution import BreedConfig
+from h2q.evolve.grid_env import heldout_food_rates
+from h2q.evolve.run import EvolveConfig, evolve, load_base
+from h2q.evolve.text_env import TextConfig
+from h2q.evolve.world import obs_len
+from h2q.lora import AdapterBank
 
 ARMS = {  # arm -> (BreedConfig changes, EvolveConfig changes)
     "hybrid": ({}, {}),

@@ -26,16 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from h2q import checkpoint, kvbench  # noqa: E402
-from h2q.cli import resolve_device, run_main  # noqa: E402
-from h2q.config import PRESETS  # noqa: E402
-from h2q.data import load_corpus  # noqa: E402
-from h2q.errors import H2QError  # noqa: E402
-from h2q.kvcache import make_cache, policies  # noqa: E402
-from h2q.model import Transformer  # noqa: E402
+from h2q import checkpoint, kvbench
+from h2q.cli import resolve_device, run_main
+from h2q.config import PRESETS
+from h2q.data import load_corpus
+from h2q.errors import H2QError
+from h2q.kvcache import make_cache, policies
+from h2q.model import Transformer
 
 TARGETS = {"int8": (0.3, 3.5), "int4": (2.0, 6.0)}  # (max % worse bits per byte, min times less memory)
 RECOMPUTE_REFERENCE = {1: (22.0, 20), 20: (25.0, 50)}  # batch: (reference tok/s, required speed-up)

@@ -20,16 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from h2q import checkpoint, lora  # noqa: E402
-from h2q.cli import run_main  # noqa: E402
-from h2q.config import PRESETS  # noqa: E402
-from h2q.errors import H2QError  # noqa: E402
-from h2q.model import Transformer  # noqa: E402
-from h2q.perf import matmul_peak_gflops  # noqa: E402
+from h2q import checkpoint, lora
+from h2q.cli import run_main
+from h2q.config import PRESETS
+from h2q.errors import H2QError
+from h2q.model import Transformer
+from h2q.perf import matmul_peak_gflops
 
 MB = 1e6
 

@@ -18,14 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from h2q import checkpoint, data, gptq, quant  # noqa: E402
-from h2q.cli import resolve_device, run_main  # noqa: E402
-from h2q.config import PRESETS  # noqa: E402
-from h2q.errors import H2QError  # noqa: E402
-from h2q.model import Transformer  # noqa: E402
-from h2q.train import TrainConfig, evaluate  # noqa: E402
+from h2q import checkpoint, data, gptq, quant
+from h2q.cli import resolve_device, run_main
+from h2q.config import PRESETS
+from h2q.errors import H2QError
+from h2q.model import Transformer
+from h2q.train import TrainConfig, evaluate
 
 try:
     from h2q.kvcache import make_cache

@@ -33,14 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from h2q import checkpoint  # noqa: E402
-from h2q.cli import run_main  # noqa: E402
-from h2q.data import STDLIB_SKIP_DIRS, VAL_FRACTION, is_binary, val_score  # noqa: E402
-from h2q.errors import H2QError  # noqa: E402
-from h2q.router import Router, mixture_log2_probs  # noqa: E402
-from h2q.train import TrainConfig, train  # noqa: E402
+from h2q import checkpoint
+from h2q.cli import run_main
+from h2q.data import STDLIB_SKIP_DIRS, VAL_FRACTION, is_binary, val_score
+from h2q.errors import H2QError
+from h2q.router import Router, mixture_log2_probs
+from h2q.train import TrainConfig, train
 
 KINDS = ("legal", "prose", "python")  # sorted: the router's slot order
 LICENSE_NAMES = ("license", "licence", "copying", "notice")

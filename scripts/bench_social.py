@@ -42,12 +42,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from h2q.checkpoint import atomic_write_json, resolve_model_file  # noqa: E402
-from h2q.evolve import records, run  # noqa: E402
-from h2q.evolve.evolution import BreedConfig, Population  # noqa: E402
-from h2q.evolve.social_env import SocialConfig, SocialEnv  # noqa: E402
-from h2q.evolve.stats import improvement_ci, stratified_bootstrap_ci  # noqa: E402
-from h2q.lora import LoraConfig  # noqa: E402
+from h2q.checkpoint import atomic_write_json, resolve_model_file
+from h2q.evolve import records, run
+from h2q.evolve.evolution import BreedConfig, Population
+from h2q.evolve.social_env import SocialConfig, SocialEnv
+from h2q.evolve.stats import improvement_ci, stratified_bootstrap_ci
+from h2q.lora import LoraConfig
 
 QUICK_SOCIAL = ["--post-bytes", "16", "--prompt-bytes", "8", "--eval-ticks", "2", "--feed-size", "3", "--feed-random", "1"]
 

@@ -92,7 +92,7 @@ def vs_nanogpt(args) -> int:
     assert ng["bytes_scored"] == h2q["bytes_scored"]
     rows = [("nanoGPT", sbs.nanogpt_recipe(max_iters, ng["steps"]), runs[0], ng),
             ("h2q", sbs.h2q_recipe(h2q["summary"], h2q_args, args.budget_min), runs[1], h2q)]
-    print(f"\n| run | recipe | wall-clock | bytes seen | val loss on the file's last 10% |")
+    print("\n| run | recipe | wall-clock | bytes seen | val loss on the file's last 10% |")
     print("|---|---|---|---|---|")
     for name, recipe, job, result in rows:
         late = " (stopped by SIGINT)" if job.interrupted else ""

@@ -42,10 +42,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from h2q import checkpoint  # noqa: E402
-from h2q.cli import flag_name, run_main  # noqa: E402
+from h2q import checkpoint
+from h2q.cli import flag_name, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["--data-dir", "corpus", "--data-root", "prep", "--preset", "tiny", "--device", "cpu", "--no-progress",
@@ -89,7 +89,7 @@ def make_assets(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     corpus = root / "corpus"
     corpus.mkdir()
-    words = "the quick brown fox jumps over the lazy dog while agents evolve adapters".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "agents", "evolve", "adapters"]
     for i in range(24):
         body = " ".join(words[(i + j) % len(words)] for j in range(120))
         (corpus / f"doc{i:02d}.txt").write_text(f"Document {i}.\n{body}\n", encoding="utf-8")

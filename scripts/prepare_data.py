@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from h2q import data  # noqa: E402
-from h2q.cli import Parser, run_main  # noqa: E402
+from h2q import data
+from h2q.cli import Parser, run_main
 
 
 def main(argv=None) -> int:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from h2q import checkpoint, gptq, quant  # noqa: E402
-from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, run_main  # noqa: E402
-from h2q.errors import ConfigError, FileFormatError, H2QError  # noqa: E402
-from h2q.perf import device_memory  # noqa: E402
+from h2q import checkpoint, gptq, quant
+from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, run_main
+from h2q.errors import ConfigError, FileFormatError, H2QError
+from h2q.perf import device_memory
 
 
 def calibration_batches(data_dir, context_len: int, batches: int, batch_size: int, seq_len: int | None, seed: int):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from h2q.cli import Parser, run_main  # noqa: E402
-from h2q.errors import H2QError  # noqa: E402
-from h2q.report import write_report  # noqa: E402
+from h2q.cli import Parser, run_main
+from h2q.errors import H2QError
+from h2q.report import write_report
 
 EXAMPLES = [
     ("python scripts/report.py checkpoints/base", "the training run: bits/byte, throughput, samples"),

@@ -184,7 +184,7 @@ def nanogpt_job(path: Path, d: BenchData, out: Path, max_iters: int, eval_interv
 
 def nanogpt_iter_times(log: str) -> dict[int, float]:
     """iter -> seconds, from nanoGPT's 'iter N: loss L, time T ms' lines."""
-    return {int(m[1]): float(m[2]) / 1000 for m in re.finditer(r"^iter (\d+): loss \S+, time ([\d.]+)ms", log, re.M)}
+    return {int(m[1]): float(m[2]) / 1000 for m in re.finditer(r"^iter (\d+): loss \S+, time ([\d.]+)ms", log, re.MULTILINE)}
 
 
 def fit_nanogpt_iters(probe: Job, probe_iters: int, budget_s: float) -> tuple[int, int, dict]:

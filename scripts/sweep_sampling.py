@@ -40,11 +40,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from h2q import data, tokenizer  # noqa: E402
-from h2q.checkpoint import load_model  # noqa: E402
-from h2q.cli import Parser, run_main  # noqa: E402
-from h2q.generate import generate_batch  # noqa: E402
-from h2q.perf import ThreadPolicy  # noqa: E402
+from h2q import data, tokenizer
+from h2q.checkpoint import load_model
+from h2q.cli import Parser, run_main
+from h2q.generate import generate_batch
+from h2q.perf import ThreadPolicy
 
 WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
 BLANK_SHARE = 0.8

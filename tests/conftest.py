@@ -27,7 +27,7 @@ def text_dir(tmp_path):
     """A small folder of text documents (about 40 KB), enough for tiny-preset training."""
     folder = tmp_path / "corpus"
     folder.mkdir()
-    words = "the quick brown fox jumps over the lazy dog while agents evolve adapters".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "agents", "evolve", "adapters"]
     for i in range(24):
         body = " ".join(words[(i + j) % len(words)] for j in range(300))
         (folder / f"doc{i:02d}.txt").write_text(f"Document {i}.\n{body}\n", encoding="utf-8")

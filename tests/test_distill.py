@@ -4,16 +4,16 @@ import json
 import math
 
 import pytest
-from conftest import tiny_train_config
 import torch
 import torch.nn.functional as F
+from conftest import tiny_train_config
 
 from h2q import checkpoint, quant
+from h2q.cli import run_main
+from h2q.config import PRESETS
 from h2q.distill import Distillation, distillation_loss
 from h2q.errors import H2QError
 from h2q.model import Transformer
-from h2q.config import PRESETS
-from h2q.cli import run_main
 from h2q.train import TrainConfig, main, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

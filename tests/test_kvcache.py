@@ -246,9 +246,8 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="protected"):
         make_cache("window", CFG, 1, 4, sinks=4)
     cache = make_cache("full", CFG, 1, 4)
-    with pytest.raises(ValueError, match="cache full"):
-        with torch.inference_mode():
-            tiny_model()(random_ids(1, 5), cache=cache)
+    with pytest.raises(ValueError, match="cache full"), torch.inference_mode():
+        tiny_model()(random_ids(1, 5), cache=cache)
     with pytest.raises(ValueError, match="prefix"):
         FullCache(CFG, 2, 8, "cpu", torch.float32, prefix=make_cache("full", CFG, 2, 8))
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from h2q import checkpoint, lora
 from h2q.cli import add_dataclass_flags, dataclass_from_args

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_train_config
 import torch
+from conftest import tiny_train_config
 
 from h2q.config import PRESETS
 from h2q.errors import H2QError
@@ -19,7 +19,7 @@ from h2q.evolve.run import EvolveConfig, evolve
 from h2q.evolve.text_env import TextConfig
 from h2q.lora import AdapterBank, LoraConfig
 from h2q.monitor import Monitor
-from h2q.train import TrainConfig, train
+from h2q.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")

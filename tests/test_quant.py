@@ -5,8 +5,8 @@ import importlib.util
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from h2q import checkpoint, gptq, lora, quant
 from h2q.cli import run_main
@@ -49,7 +49,7 @@ def test_error_within_half_a_step_inside_the_grid(clip_search):
     w = weight_with_outliers()
     q8, s8 = quant.quantize_int8(w, clip_search)
     q4, s4, z4 = quant.quantize_int4(w, 32, clip_search)
-    per_element = lambda t: t.float().repeat_interleave(32, 1)  # (N, K/32) -> (N, K)  # noqa: E731
+    per_element = lambda t: t.float().repeat_interleave(32, 1)  # (N, K/32) -> (N, K)
     cases = [  # (reconstruction, scale per element, grid low end, grid high end)
         (quant.dequantize_int8(q8, s8), s8[:, None].expand_as(w), -127 * s8[:, None], 127 * s8[:, None]),
         (quant.dequantize_int4(q4, s4, z4, 32), per_element(s4), per_element(z4 - 8 * s4.float()),
@@ -159,7 +159,7 @@ def test_saved_and_loaded_gives_identical_logits(tmp_path, mode, group, embeddin
         assert torch.equal(loaded(ids), in_memory)
     assert loaded.fingerprint == meta["fingerprint"] and loaded_meta["config"] == meta["config"]
     assert loaded.quant_scheme == model.quant_scheme
-    layouts = lambda m: [x.kernel_qweight is None for x in m.modules() if isinstance(x, quant.Int4Linear)]  # noqa: E731
+    layouts = lambda m: [x.kernel_qweight is None for x in m.modules() if isinstance(x, quant.Int4Linear)]
     assert layouts(loaded) == layouts(model)  # the kernel layout is set at load, as at quantize
     assert quant.QuantScheme.from_json(loaded_meta["quant"]).embedding is embedding
 

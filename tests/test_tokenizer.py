@@ -46,7 +46,7 @@ def test_stream_decoder_byte_by_byte_never_emits_partial_characters():
 
 def test_stream_decoder_holds_back_until_last_byte():
     decoder = StreamDecoder()
-    four = "🙂".encode("utf-8")
+    four = "🙂".encode()
     assert [decoder.feed(b) for b in four] == ["", "", "", "🙂"]
     assert decoder.feed([0xE2, 0x82]) == ""
     assert decoder.feed([0xAC, EOT, 0x41]) == "€A"  # special ids are not text
@@ -62,7 +62,7 @@ def test_stream_decoder_invalid_bytes_become_replacement_characters():
 
 def test_stream_decoder_flush_ends_an_unfinished_character():
     decoder = StreamDecoder()
-    assert decoder.feed(list("中".encode("utf-8")[:2])) == ""
+    assert decoder.feed(list("中".encode()[:2])) == ""
     assert decoder.flush() == "\ufffd"
     assert decoder.flush() == ""
     assert StreamDecoder().flush() == ""

@@ -6,12 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_train_config
 import torch
+from conftest import tiny_train_config
 from safetensors.torch import load_file
 
 from h2q.errors import H2QError
-from h2q.train import TrainConfig, train
+from h2q.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

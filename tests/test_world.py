@@ -22,8 +22,8 @@ from h2q.evolve import (
     score_baselines,
 )
 from h2q.evolve.planners import BASELINES
-from h2q.evolve.stats import normalise
 from h2q.evolve.render import render_text
+from h2q.evolve.stats import normalise
 from h2q.evolve.world import DROP, EAT, MOVE_E, MOVE_N, MOVE_S, MOVE_W, PICK, WAIT, obs_len
 
 CFG = WorldConfig(size=10, n_food=8, steps=60)

@@ -32,8 +32,14 @@ When evolution writes a new adapter into slot i (`bank.set_adapter(i, child)`), 
 from __future__ import annotations
 
 from h2q.evolve.env import ByteEnv, EpisodeStats, EvalResult, LineEnv, StackedEnv, evaluate_policy, run_episode
-from h2q.evolve.planners import (FullMapPlanner, OraclePolicy, RandomPolicy, ViewPlanner, same_view_planner,
-                                 score_baselines)
+from h2q.evolve.planners import (
+                                 FullMapPlanner,
+                                 OraclePolicy,
+                                 RandomPolicy,
+                                 ViewPlanner,
+                                 same_view_planner,
+                                 score_baselines,
+)
 from h2q.evolve.render import Renderer
 from h2q.evolve.world import ACTIONS, OBS_LEN, World, WorldConfig, WorldEnv, obs_len
 

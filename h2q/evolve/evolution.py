@@ -144,7 +144,7 @@ class Agent:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Agent":
+    def from_dict(cls, d: dict) -> Agent:
         return cls(**d)
 
 
@@ -161,7 +161,7 @@ class Population:
     @classmethod
     def initial(cls, base_config: ModelConfig, config: LoraConfig, n: int, bank_rank: int, lr: float,
                 temperature: float, mutation_rate: float, generator: torch.Generator,
-                meta: bool = False, es: dict | None = None) -> "Population":
+                meta: bool = False, es: dict | None = None) -> Population:
         """n mutations (at the mutation rate) of one fresh adapter of rank config.r (Kaiming A, zero B):
         generation 1 already differs, and every agent descends from one init, so merged parents share
         their A subspace (model soups and linear mode connectivity: weights fine-tuned from a shared
@@ -244,7 +244,7 @@ class Population:
         if self.es is not None:
             self.es.load_state_dict({k[len("es."):]: v.cpu() for k, v in tensors.items() if k.startswith("es.")})
 
-    def to(self, device) -> "Population":
+    def to(self, device) -> Population:
         self.bank.to(device)
         if self.meta is not None:
             self.meta.to(device)

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,7 +305,7 @@ class QualitySignal:
 
     @classmethod
     def calibrate(cls, model, corpus: TopicCorpus, prompt_bytes: int, post_bytes: int, samples: int = 32,
-                  seed: int = 0) -> "QualitySignal":
+                  seed: int = 0) -> QualitySignal:
         """Train the classifier and measure the base on `samples` held-out continuations per topic."""
         rng = np.random.default_rng(seed)
         windows = [w for t in range(len(TOPICS)) for w in corpus.snippets(t, True, samples, prompt_bytes + post_bytes, rng)]

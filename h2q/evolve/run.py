@@ -46,9 +46,9 @@ from h2q.errors import ConfigError, H2QError
 from h2q.evolve import board, records
 from h2q.evolve.evolution import LEARNS, BreedConfig, Evaluation, Population, diversity, next_generation
 from h2q.evolve.grid_env import FITNESS, AgentKnobs, GridEnv
+from h2q.evolve.render import Renderer
 from h2q.evolve.social_env import SocialConfig, SocialEnv
 from h2q.evolve.text_env import TextConfig, TextEnv
-from h2q.evolve.render import Renderer
 from h2q.evolve.world import WorldConfig
 from h2q.lora import LINEARS, AdapterBank, LoraConfig, check_rank, freeze_base, target_shapes
 from h2q.model import Transformer
