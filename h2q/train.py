@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from h2q import checkpoint, data, distill
+from h2q import checkpoint, data, distill, lora
 from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, flag_name, resolve_device, run_main
 from h2q.config import PRESETS, check_options, option
 from h2q.errors import ConfigError, FileFormatError, H2QError
@@ -97,6 +97,10 @@ class TrainConfig:
     lora_rank: int = option(0, "train only a LoRA adapter of this rank on a frozen --init-from base (0 = off)",
                             at_least=0)
     lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)", above=0)
+    lora_dropout: float = option(0.0, "dropout on the adapter's input while training (PEFT's lora_dropout)", at_least=0,
+                                 below=1)
+    lora_targets: str = option(",".join(lora.LINEARS), "comma-separated linears the adapter adapts (PEFT's "
+                                                       "target_modules, in h2q's names)")
     teacher: str | None = option(None, "distil from this trained checkpoint (frozen, may be quantized): the loss "
                                  "mixes cross-entropy with KL to its softened next-byte distribution")
     distill_alpha: float = option(0.5, "with --teacher: weight of the KL term (the data's cross-entropy gets "
@@ -109,6 +113,10 @@ class TrainConfig:
 
     def __post_init__(self):
         check_options(self)
+        try:
+            lora.LoraConfig(targets=self.lora_targets)
+        except ConfigError as e:
+            raise ConfigError("lora_targets", e.problem) from None
         if self.threads != "auto" and not (self.threads.isdigit() and int(self.threads) > 0):
             raise ConfigError("threads", f"must be a positive number or auto, got {self.threads!r}")
         if self.steps and self.epochs:
@@ -308,7 +316,6 @@ class Run:
         self.saved_step = 0  # the step of the checkpoint in OUT (0: none yet)
 
     def _init_adapter(self):
-        from h2q import lora
         cfg = self.cfg
         if not cfg.init_from:
             raise H2QError("--lora-rank trains an adapter on a frozen base: also give --init-from checkpoints/base")
@@ -317,7 +324,7 @@ class Run:
         self.model, _ = checkpoint.load_model(cfg.init_from, self.device)
         lora.check_rank(self.model.config, cfg.lora_rank)
         lora.freeze_base(self.model)
-        self.adapter = lora.LoraAdapter(self.model, lora.LoraConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha)).to(self.device)
+        self.adapter = lora.LoraAdapter(self.model, lora.LoraConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)).to(self.device)
         self.trainable = self.adapter
 
     def forward_module(self):
@@ -748,10 +755,35 @@ def process_started(clock=time.monotonic) -> float:
         return clock()
 
 
+HELP_GROUPS = {
+    "data": ["data_dir", "data_root"],
+    "how long": ["steps", "epochs", "time_budget"],
+    "optimization": ["batch_size", "block_size", "grad_accum", "optimizer", "lr", "muon_lr", "min_lr_frac", "warmup",
+                     "decay_frac", "weight_decay", "grad_clip"],
+    "evaluation, checkpoints and monitoring": ["eval_every", "eval_batches", "save_every", "resume", "tensorboard",
+                                               "progress"],
+    "adapter fine-tuning (LoRA on a frozen base)": ["init_from", "lora_rank", "lora_alpha", "lora_dropout",
+                                                    "lora_targets"],
+    "distillation from a teacher": ["teacher", "distill_alpha", "distill_temperature"],
+    "hardware": ["device", "dtype", "threads", "compile"],
+}
+HELP_EXAMPLES = [
+    ("python train.py", "train the base model on the default corpus (this Python installation's own "
+                        "documentation and sources) into checkpoints/base"),
+    ("python train.py --preset tiny --steps 200", "a quick smoke run of a tiny model"),
+    ("python train.py --resume", "continue the run saved in --out where it stopped"),
+    ("python train.py --data-dir my_texts --time-budget 60", "train on your own text files for an hour"),
+    ("python train.py --init-from checkpoints/base --lora-rank 8 --data-dir my_texts",
+     "fine-tune a LoRA adapter on a frozen base (into checkpoints/adapters/lora)"),
+    ("python train.py --preset tiny --teacher checkpoints/base", "distil the base into a smaller student"),
+]
+
+
 def main(argv=None) -> int:
     parser = Parser(prog="train.py", description="Train the byte-level base model, or a "
-                                     "LoRA adapter on a frozen base (--init-from BASE --lora-rank R).")
-    add_dataclass_flags(parser, TrainConfig)
+                                     "LoRA adapter on a frozen base (--init-from BASE --lora-rank R).",
+                    examples=HELP_EXAMPLES)
+    add_dataclass_flags(parser, TrainConfig, groups=HELP_GROUPS)
     summary = train(dataclass_from_args(TrainConfig, parser.parse_args(argv)), started=process_started())
     if summary["final"]:
         print(f"done: {summary['steps']} steps, val {summary['final']['val_bpb']:.4f} bits/byte, saved to {summary['out']}")

@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_train_config
 from safetensors.torch import load_file
 
+from h2q import checkpoint
 from h2q.errors import H2QError
 from h2q.train import train
 
@@ -112,3 +113,17 @@ def test_lora_finetune_trains_only_the_adapter(text_dir, tmp_path):
     train(tiny_config(text_dir, tmp_path / "b", **lora_cfg), on_step=interrupt_at_6)
     train(tiny_config(text_dir, tmp_path / "b", resume=True, **lora_cfg), on_step=lambda s, loss: resumed.append(loss))
     assert resumed == straight
+
+
+def test_peft_style_lora_flags_reach_the_adapter(text_dir, tmp_path):
+    """--lora-dropout and --lora-targets (PEFT's lora_dropout and target_modules) shape the adapter
+    train.py saves; an unknown linear is one ConfigError naming the flag."""
+    from h2q.errors import ConfigError
+
+    train(tiny_config(text_dir, tmp_path / "base", steps=2, eval_every=2, save_every=2))
+    train(tiny_config(text_dir, tmp_path / "lora", steps=2, eval_every=2, save_every=2,
+                      init_from=str(tmp_path / "base"), lora_rank=2, lora_dropout=0.1, lora_targets="q_proj,v_proj"))
+    config = json.loads((tmp_path / "lora" / checkpoint.ADAPTER_CONFIG_FILE).read_text())
+    assert config["lora_dropout"] == 0.1 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="lora_targets"):
+        tiny_config(text_dir, tmp_path / "x", lora_targets="nothing")
