@@ -53,7 +53,7 @@ from h2q.cli import Parser, add_dataclass_flags, dataclass_from_args, flag_name,
 from h2q.config import PRESETS, check_options, option
 from h2q.errors import ConfigError, FileFormatError, H2QError
 from h2q.model import Transformer
-from h2q.monitor import Monitor, log_training_eval
+from h2q.monitor import SAMPLE_PROMPT, Monitor, log_training_eval, sample_text
 from h2q.optim import Optimizers, torch_state_from_tensors, torch_state_to_tensors
 from h2q.perf import ThreadPolicy, device_memory
 
@@ -445,12 +445,20 @@ class Run:
             checkpoint.append_jsonl(self.out / "metrics.jsonl", record)
 
     def drop_metrics_after_step(self):
-        """Forget the metrics records (and a torn last line) that a kill left past the saved step."""
-        path = self.out / "metrics.jsonl"
-        if self.rank == 0 and path.exists():
-            kept = [line for line, record in checkpoint.read_jsonl_lines(path)
-                    if not isinstance(record.get("step"), (int, float)) or record["step"] <= self.step]
-            checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
+        """Forget the metrics and sample records (and a torn last line) that a kill left past the saved
+        step."""
+        for path in (self.out / "metrics.jsonl", self.out / SAMPLES_FILE):
+            if self.rank == 0 and path.exists():
+                kept = [line for line, record in checkpoint.read_jsonl_lines(path)
+                        if not isinstance(record.get("step"), (int, float)) or record["step"] <= self.step]
+                checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def log_sample(self, adapters) -> None:
+        """OUT/samples.jsonl: what the model writes now after a fixed prompt and seed (the report shows
+        them by step)."""
+        if self.rank == 0:
+            record = {"step": self.step, "prompt": SAMPLE_PROMPT, "text": sample_text(self.model, adapters, 120)}
+            checkpoint.append_jsonl(self.out / SAMPLES_FILE, record)
 
 
 def thread_policy(cfg: TrainConfig, device: torch.device) -> ThreadPolicy:
@@ -502,6 +510,7 @@ def run_training(cfg: TrainConfig, on_step=None, clock=time.monotonic, started: 
     elif rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "metrics.jsonl").unlink(missing_ok=True)
+        (run.out / SAMPLES_FILE).unlink(missing_ok=True)
     threads = thread_policy(cfg, run.device)
     dtype_reason = run.choose_autocast()
     model = run.forward_module()
@@ -563,6 +572,8 @@ def run_training(cfg: TrainConfig, on_step=None, clock=time.monotonic, started: 
             done = run.step >= run.max_steps > 0
             if run.step % cfg.eval_every == 0 or done:
                 def evaluate_now():
+                    if done or run.step % cfg.save_every == 0:  # at each checkpoint: a sample for the report
+                        run.log_sample(adapters)
                     return evaluate(run.model, run.corpus.val, cfg, run.block_size, run.device, run.autocast, adapters)
                 val_loss = budget.timed("eval", evaluate_now) if budget else evaluate_now()
                 if not val_loss < MAX_LOSS:  # nan included
@@ -606,6 +617,7 @@ def run_summary(run: Run, interrupted: bool, final: dict | None) -> dict:
 
 
 # -- the output folder and resume (see the module docstring) ------------------------------------------
+SAMPLES_FILE = "samples.jsonl"  # what the model writes at each checkpoint (h2q/report.py reads it)
 MAX_LOSS = 700.0  # nats: above it the perplexity exp(loss) overflows a float; the run has diverged
 # flags that may differ on --resume: where things are and how the run is watched, not what it computes
 RESUME_MAY_CHANGE = {"out", "data_root", "preset", "init_from", "device", "dtype", "compile", "resume",

@@ -121,6 +121,8 @@ def test_peft_style_lora_flags_reach_the_adapter(text_dir, tmp_path):
     from h2q.errors import ConfigError
 
     train(tiny_config(text_dir, tmp_path / "base", steps=2, eval_every=2, save_every=2))
+    samples = [json.loads(line) for line in (tmp_path / "base" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [2] and isinstance(samples[0]["text"], str)  # the base report's samples
     train(tiny_config(text_dir, tmp_path / "lora", steps=2, eval_every=2, save_every=2,
                       init_from=str(tmp_path / "base"), lora_rank=2, lora_dropout=0.1, lora_targets="q_proj,v_proj"))
     config = json.loads((tmp_path / "lora" / checkpoint.ADAPTER_CONFIG_FILE).read_text())
