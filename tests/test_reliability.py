@@ -374,7 +374,7 @@ CASES = [
     # a disk that fills up
     Case("train disk full from the start", "train", RESUME_HALF, "No space left", inject=disk_full()),
     Case("train disk full at the checkpoint", "train", RESUME_HALF, "train_state.safetensors",
-         inject=disk_full(appends=False), may_grow=("half/metrics.jsonl",)),
+         inject=disk_full(appends=False), may_grow=("half/metrics.jsonl", "half/samples.jsonl")),
     Case("evolve disk full at the first adapter", "evolve", RESUME_EV, "cycle_002",
          inject=disk_full(lambda path: "cycle_002" in path)),
     Case("evolve disk full at the learner state", "evolve", RESUME_EV, "env_c002",
