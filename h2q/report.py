@@ -662,16 +662,17 @@ def _agent_rows(population: dict, last: dict, text_env: bool) -> tuple[list[str]
     return ["agent", "slot", "parents", "born in cycle", "fitness", column, "learning rate", "rank"], rows
 
 
-def _world_pictures(cycles: dict[int, Path]) -> tuple[list[tuple[int, dict]], list[str]]:
-    """The first and the newest committed cycle's world.json (when present), and notes on bad ones."""
-    found = [c for c, folder in cycles.items() if (folder / WORLD_FILE).is_file()]
-    worlds, notes = [], []
+def _first_and_newest(cycles: dict[int, Path], name: str, read) -> tuple[list[tuple[int, dict]], list[str]]:
+    """`read` of the first and the newest committed cycle's file `name` (when present), and notes on
+    the bad ones."""
+    found = [c for c, folder in cycles.items() if (folder / name).is_file()]
+    pictures, notes = [], []
     for c in sorted({found[0], found[-1]}) if found else []:
         try:
-            worlds.append((c, read_world(cycles[c] / WORLD_FILE)))
+            pictures.append((c, read(cycles[c] / name)))
         except H2QError as e:
             notes.append(str(e))
-    return worlds, notes
+    return pictures, notes
 
 
 def _evolve_sections(run_dir: Path, out_dir: Path) -> list[str]:
@@ -718,7 +719,7 @@ def _evolve_sections(run_dir: Path, out_dir: Path) -> list[str]:
         actions = _plot_actions(rows, out_dir / "evolve_actions.png")
         parts.append(_figure_html(actions, "which actions the agents chose, as a share of all actions per cycle")
                      if actions else _note("metrics.jsonl has no action counts ('actions'): no action histogram."))
-        worlds, notes = _world_pictures(cycles)
+        worlds, notes = _first_and_newest(cycles, WORLD_FILE, read_world)
         if worlds:
             parts.append(_figure_html(_plot_world(worlds, out_dir / "evolve_world.png"),
                                       "left: the map and one agent's path through an evaluation episode; right: how "
@@ -872,13 +873,7 @@ def _social_sections(rows: list[dict], cycles: dict[int, Path], out_dir: Path) -
                           "per cycle, on each cycle's held-out episode: engagement, fluency, topic accuracy and "
                           "diversity, the follow graph, readers and writers against the base model (dashed) and "
                           "the reader baselines")]
-    found = [c for c, folder in cycles.items() if (folder / NETWORK_FILE).is_file()]
-    networks, notes = [], []
-    for c in sorted({found[0], found[-1]}) if found else []:
-        try:
-            networks.append((c, _read_network(cycles[c] / NETWORK_FILE)))
-        except H2QError as e:
-            notes.append(str(e))
+    networks, notes = _first_and_newest(cycles, NETWORK_FILE, _read_network)
     if networks:
         parts += [_figure_html(_plot_follow_graphs(networks, out_dir / "social_graph.png"),
                                "who follows whom after the held-out episode (arrow: follower to followed; size: "
