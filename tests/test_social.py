@@ -2,6 +2,7 @@
 crafted posts, graph figures, determinism under a seed, exact resume, and the batched multi-adapter
 decode of the writers; through the evolve runner: resume equals an uninterrupted run, every strategy
 runs, the report shows the network; the terminal view of the network."""
+import dataclasses
 import io
 import json
 
@@ -248,6 +249,40 @@ def test_writers_decode_in_one_batched_call_per_tick(corpus, monkeypatch):
     monkeypatch.setattr("h2q.evolve.social_env.generate_batch", counting)
     env.live(pop.agents, 4, seed=3, tick=lambda: None)
     assert calls == [3, 3, 3, 3], "6 agents posting every 2nd tick: one decode of 3 writers per tick"
+
+
+def test_drafts_decode_with_the_writers_and_the_first_is_published(corpus, monkeypatch):
+    env, pop = make_env(corpus, cfg=dataclasses.replace(TINY, drafts=3, own_weight=1.0))
+    calls, published = [], []
+    real = generation.generate_batch
+
+    def recording(model, prompts, *args, **kwargs):
+        out = real(model, prompts, *args, **kwargs)
+        calls.append(len(prompts))
+        if len(prompts) == 9:
+            assert all(prompts[i] == prompts[i - i % 3] for i in range(9)), "a writer's drafts share its prompt"
+            published.append([bytes(out[i]) for i in range(0, 9, 3)])
+        return out
+
+    monkeypatch.setattr("h2q.evolve.social_env.generate_batch", recording)
+    real_tick = env._tick
+    ticks = []
+    monkeypatch.setattr(env, "_tick", lambda *a, **k: ticks.append(real_tick(*a, **k)) or ticks[-1])
+    env.live(pop.agents, 2, seed=3, tick=lambda: None)
+    assert calls == [9, 9], "3 writers x 3 drafts in one decode per tick of life"
+    assert [t.texts for t in ticks] == published, "readers see each writer's first draft"
+    calls.clear()
+    env.evaluate(pop.agents, seed=4, tick=lambda: None)
+    assert calls == [3] * TINY.eval_ticks, "evaluation publishes plain samples, one per writer"
+
+
+def test_group_advantages_are_relative_to_the_writers_own_drafts(corpus):
+    env, _ = make_env(corpus)
+    groups = np.array([0, 0, 0, 4, 4, 4])
+    rewards = np.array([1.0, 2.0, 3.0, 10.0, 10.0, 13.0])
+    adv = env._advantages(1, groups, rewards, within_tick=True)
+    assert np.allclose([adv[:3].sum(), adv[3:].sum()], 0.0)
+    assert adv[0] < adv[1] < adv[2] and adv[3] == adv[4] < adv[5]
 
 
 def test_batched_decode_of_many_adapters_equals_one_by_one():

@@ -22,7 +22,9 @@ Rewards. A reader earns quality.reader_rewards of the post's quality for it, the
 h2q/evolve/quality.py (fluency under the frozen base, the fixed topic classifier, novelty, duplicates;
 its docstring says why repetition cannot farm it; 0 for a post of another topic): its choice is scored
 by how far the signal agrees with it. A writer earns the likes plus `follow_weight` x the new
-followers of its post.
+followers of its post, plus `own_weight` x the post's quality for its own topic: the signal's verdict
+as an editor's, a reward model's (Ziegler et al. 2019), next to the readers' likes, which reach a
+writer only through the one or two readers of its topic that see the post.
 
 Learning in life, on-policy, one update per tick for all agents in one backward:
 * readers: REINFORCE with a per-agent baseline (Williams 1992) on the one-byte choices, loss_i = -mean
@@ -37,6 +39,11 @@ Learning in life, on-policy, one update per tick for all agents in one backward:
   than the reward as in GRPO (Shao et al. 2024): it keeps the writing where the base can judge it,
   and undoes what the reader's updates of the same adapter would do to it (a reader that learns to
   ignore pushes its adapter toward the byte `.`).
+* drafts > 1: in life each writer samples `drafts` posts from its prompt in the same batched decode;
+  the first is published (what readers see stays a plain sample of the policy) and earns the likes
+  and followers; every draft earns `own_weight` x its own quality, and b is the mean of the writer's
+  drafts in this tick, the group baseline of GRPO (Shao et al. 2024): the drafts share a prompt, so
+  their differences are the writing's alone.
 * A = (reward - b) / s: b a bias-corrected moving average of the agent's own rewards (a reader's apart
   for posts of its topic and of others; a newcomer's is the tick's population mean), s a running RMS of
   the advantages (one for readers, one for writers), so both terms weigh alike and `writer_weight`
@@ -84,6 +91,10 @@ class SocialConfig:
     prompt_bytes: int = option(32, "social env: bytes of topic text a post continues", at_least=1)
     eval_ticks: int = option(6, "social env: ticks of the held-out evaluation episode", at_least=1)
     follow_weight: float = option(2.0, "social env: a writer's reward per new follower, in likes", at_least=0)
+    drafts: int = option(1, "social env: drafts each writer samples of its post in life, the first published; "
+                                "> 1 scores them against each other (group baseline)", at_least=1)
+    own_weight: float = option(0.0, "social env: a writer's reward per unit of its post's quality for its own topic, "
+                                    "in likes", at_least=0)
     kl_weight: float = option(1.0, "social env: weight of the writer's KL to the base per token, in its loss", at_least=0)
     writer_weight: float = option(1.0, "social env: weight of the writer's loss next to the reader's", at_least=0)
     entropy_bonus: float = option(0.02, "social env: entropy bonus of the readers' choices", at_least=0)
@@ -322,7 +333,7 @@ class SocialEnv:
         """Per-agent scores and the episode's figures from its ticks."""
         n = self.n
         sums = {k: np.zeros(n) for k in ("quality", "posts", "reward", "rows", "likes", "hits")}
-        texts, bpb, on_topic, likes, scripted_likes, rand, best = [], [], [], 0, 0, [], []
+        texts, bpb, likes, scripted_likes, rand, best = [], [], 0, 0, [], []
         follows = 0
         for t in ticks:
             np.add.at(sums["quality"], t.authors, t.quality)
@@ -361,17 +372,21 @@ class SocialEnv:
         net.tick += 1
         if len(writers) == 0:
             return None
-        slots = torch.as_tensor(writers, device=self.device)
-        adapters = self.bank.bind(slots) if use_adapters else None
-        out = generate_batch(self.model, prompts, cfg.post_bytes, temperature=self.temperature,
+        drafts = cfg.drafts if learn else 1
+        drafters = np.repeat(writers, drafts)  # (P G,) writer-major: writer k's drafts are rows k G .. k G + G - 1
+        draft_prompts = [p for p in prompts for _ in range(drafts)]
+        adapters = self.bank.bind(torch.as_tensor(drafters, device=self.device)) if use_adapters else None
+        out = generate_batch(self.model, draft_prompts, cfg.post_bytes, temperature=self.temperature,
                              seed=int(rng.integers(2**63)), stop=(tokenizer.EOT,), adapters=adapters)
-        texts = [bytes(ids) for ids in out]
+        draft_texts = [bytes(ids) for ids in out]
         scored = [ids + [tokenizer.EOT] if len(ids) < cfg.post_bytes else ids for ids in out]  # the stop is a choice too
         with torch.no_grad():
-            base_logits, targets, mask = Q.continuation_logits(self.model, prompts, scored)  # (P, L, V)
-        bpb = Q.byte_bits(Q.token_logprobs(F.log_softmax(base_logits, -1), targets, mask), texts)
-        quality = self.signal.score(texts, bpb, [p for tick in net.recent for p in tick])
-        own = quality.per_topic[np.arange(len(writers)), self.topics[writers]]  # (P,)
+            base_logits, targets, mask = Q.continuation_logits(self.model, draft_prompts, scored)  # (P G, L, V)
+        draft_bpb = Q.byte_bits(Q.token_logprobs(F.log_softmax(base_logits, -1), targets, mask), draft_texts)
+        quality = self.signal.score(draft_texts, draft_bpb, [p for tick in net.recent for p in tick])
+        draft_own = quality.per_topic[np.arange(len(drafters)), self.topics[drafters]]  # (P G,)
+        published = np.arange(len(writers)) * drafts  # each writer's first draft: a plain sample of its policy
+        texts, bpb, own = [draft_texts[i] for i in published], draft_bpb[published], draft_own[published]
 
         readers, posts = build_feeds(writers, net.follows, cfg.feed_size, cfg.feed_random, rng)
         authors = writers[posts]
@@ -386,14 +401,15 @@ class SocialEnv:
         new_follows = np.bincount(posts[effective == Q.FOLLOW], minlength=len(writers))
         row_reward = rewards[np.arange(len(readers)), effective]
         if learn:
-            writer_reward = likes + cfg.follow_weight * new_follows
-            self._learn(readers, posts, actions, row_reward, logits, writers, prompts, scored, base_logits, mask,
-                        writer_reward, lrs)
+            writer_reward = cfg.own_weight * draft_own
+            writer_reward[published] += likes + cfg.follow_weight * new_follows
+            self._learn(readers, posts, actions, row_reward, logits, writers, drafters, draft_prompts, scored,
+                        base_logits, mask, writer_reward, lrs)
         net.latest = [Post(int(w), int(self.topics[w]), text, float(quality_), int(l), int(f), prompt)
                       for w, text, quality_, l, f, prompt in zip(writers, texts, own, likes, new_follows, prompts)]
         net.recent = (net.recent + [texts])[-DUP_WINDOW:]
         net.posts += len(writers)
-        return Tick(writers, texts, bpb, quality.topic.argmax(1) == self.topics[writers], own, likes, new_follows,
+        return Tick(writers, texts, bpb, quality.topic[published].argmax(1) == self.topics[writers], own, likes, new_follows,
                     readers, posts, rewards, effective)
 
     def _row(self, reader_topic: int, post_topic: int, text: bytes) -> list[int]:
@@ -416,8 +432,8 @@ class SocialEnv:
         return logits[torch.arange(len(rows), device=self.device), last][:, action_ids].float()  # (R, 3)
 
     # -- learning ---------------------------------------------------------------------------------------
-    def _learn(self, readers, posts, actions, row_reward, logits, writers, prompts, scored, base_logits, mask,
-               writer_reward, lrs) -> None:
+    def _learn(self, readers, posts, actions, row_reward, logits, writers, drafters, prompts, scored, base_logits,
+               mask, writer_reward, lrs) -> None:
         """One REINFORCE step of every reader's choices and every writer's post (module docstring)."""
         cfg, n, dev, T = self.cfg, self.n, self.device, self.temperature
         logp_all = F.log_softmax(logits / T, dim=-1)  # (R, 3)
@@ -427,33 +443,36 @@ class SocialEnv:
         groups = 2 * readers + (self.topics[readers] == self.topics[writers[posts]])
         adv = torch.as_tensor(self._advantages(0, groups, row_reward), device=dev, dtype=torch.float32)
         per_row = -(adv * taken + cfg.entropy_bonus * entropy) / torch.as_tensor(rows[readers], device=dev)
-        slots = torch.as_tensor(writers, device=dev)
+        slots = torch.as_tensor(drafters, device=dev)
         policy_logits, targets, _ = Q.continuation_logits(self.model, prompts, scored, self.bank.bind(slots))
         logp = F.log_softmax(policy_logits / T, -1)  # (P, L, V)
         base_logp = F.log_softmax(base_logits / T, -1)
         tokens = mask.sum(1)
         kl = torch.where(mask, (logp.exp() * (logp - base_logp)).sum(-1), 0.0)  # (P, L) exact, per position
-        adv = torch.as_tensor(self._advantages(1, writers, writer_reward), device=dev, dtype=torch.float32)
+        adv = torch.as_tensor(self._advantages(1, drafters, writer_reward, within_tick=cfg.drafts > 1), device=dev,
+                              dtype=torch.float32)
         sequence = Q.token_logprobs(logp, targets, mask).sum(1) / tokens
-        per_post = cfg.writer_weight * (-adv * sequence + cfg.kl_weight * kl.sum(1) / tokens)
+        per_post = cfg.writer_weight * (-adv * sequence + cfg.kl_weight * kl.sum(1) / tokens) / cfg.drafts
         losses = torch.zeros(n, device=dev).index_add(0, torch.as_tensor(readers, device=dev), per_row)
         losses = losses.index_add(0, slots, per_post)
         taking_part = torch.as_tensor((rows > 0) | np.isin(np.arange(n), writers), device=dev)
         self._step(losses, lrs, taking_part)
 
-    def _advantages(self, kind: int, groups: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+    def _advantages(self, kind: int, groups: np.ndarray, rewards: np.ndarray, within_tick: bool = False) -> np.ndarray:
         """(reward - its group's baseline) / running RMS, then the baselines move toward this tick's
         group means; kind 0 = readers (groups: 2 agent + whether the post is of its topic, so the easy
-        off-topic rows do not set the bar for the rest), 1 = writers (groups: agents)."""
+        off-topic rows do not set the bar for the rest), 1 = writers (groups: agents). within_tick: the
+        baseline is the group's mean in this tick instead (a writer's drafts of one prompt, GRPO)."""
         name = ("reader", "writer")[kind]
         total, weight = self.stats[f"{name}_sum"], self.stats[f"{name}_weight"]
         d, size = self.cfg.baseline_decay, len(total)
         known = weight.numpy() > 0
         baseline = np.where(known, total.numpy() / np.where(known, weight.numpy(), 1), rewards.mean())
-        adv = rewards - baseline[groups]
         count = np.bincount(groups, minlength=size)
+        means = np.bincount(groups, rewards, minlength=size) / np.maximum(count, 1)
+        adv = rewards - (means if within_tick else baseline)[groups]
         on = torch.as_tensor(count > 0)
-        means = torch.as_tensor(np.bincount(groups, rewards, minlength=size) / np.maximum(count, 1))
+        means = torch.as_tensor(means)
         total.copy_(torch.where(on, d * total + (1 - d) * means, total))
         weight.copy_(torch.where(on, d * weight + (1 - d), weight))
         self.scale[2 * kind] = d * self.scale[2 * kind] + (1 - d) * float(np.mean(adv ** 2))
