@@ -5,6 +5,7 @@ every cycle (held-out prompts, the feeds built from their posts).
     python scripts/bench_social.py --base checkpoints/base --out OUT     # 20 cycles x seeds 0,1,2 x 2 strategies
     python scripts/bench_social.py --out OUT --table                     # the table of what OUT holds so far
     python scripts/bench_social.py --quick                               # smoke run: tiny untrained base
+    python scripts/bench_social.py --base B --out OUT --social "--drafts 4 --own-weight 5"   # other env flags
 
 Every run (OUT/STRATEGY-sSEED, its log beside it) and, per seed, the held-out figures of the runner's
 initial population before any life (OUT/cycle0-sSEED.json, the "cycle-0 population") is a child process
@@ -62,6 +63,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--agents", type=int, default=20)
     p.add_argument("--steps", type=int, default=0, help="ticks per life (0 = evolve.py's default)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
+    p.add_argument("--social", default="", help="more social-env flags for every run, e.g. '--drafts 4 --own-weight 5'")
     p.add_argument("--deadline", default=None, help="HH:MM (local time): stop the runs then and print the table")
     p.add_argument("--table", action="store_true", help="print the table of what --out holds; run nothing")
     p.add_argument("--cycle0", type=int, default=None, help=argparse.SUPPRESS)  # child: one seed's cycle-0 figures
@@ -78,6 +80,7 @@ def evolve_argv(args, strategy: str, seed: int, out: Path) -> list[str]:
             str(args.threads), "--device", "cpu", "--no-progress"]
     if args.quick:
         argv += ["--preset", "tiny", *QUICK_SOCIAL]
+    argv += shlex.split(args.social)
     if (out / records.STATE_DIR / records.STATE_FILE).is_file():
         argv.append("--resume")
     return argv
@@ -110,7 +113,7 @@ def jobs(args) -> list[tuple[str, list[str], Path]]:
     for seed in seeds_of(args):
         if not (root / f"cycle0-s{seed}.json").is_file():
             flags = ["--base", args.base, "--out", str(root), "--agents", str(args.agents), "--threads", str(args.threads),
-                     "--cycle0", str(seed)] + (["--quick"] if args.quick else [])
+                     "--social", args.social, "--cycle0", str(seed)] + (["--quick"] if args.quick else [])
             todo.append((f"cycle0-s{seed}", me + flags, root / f"cycle0-s{seed}.log"))
         for strategy in args.strategies.split(","):
             out = root / f"{strategy}-s{seed}"
