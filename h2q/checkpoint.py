@@ -454,8 +454,7 @@ def load_adapter(adapter_dir: str | Path, base_model: Transformer, device=None,
                               f"load it onto its own base")
     if check_fingerprint and meta.get("base_fingerprint") != base_model.base_fingerprint():
         raise FileFormatError(f"adapter {adapter_dir} was trained on base {meta.get('base_fingerprint')}, not this "
-                              f"base {base_model.base_fingerprint()}; use its own base (or check_fingerprint=False "
-                              f"on purpose)")
+                              f"base {base_model.base_fingerprint()}; load it with the base it was trained on")
     adapter = LoraAdapter(base_model.config, config, init=False)
     expected = adapter.tensors()
     check_tensors(tensors, expected, adapter_dir / ADAPTER_FILE, "re-save or retrain the adapter")
