@@ -1,7 +1,8 @@
 """The pieces every part of the report shares: the matplotlib guard, figures on the Agg canvas and their
-atomic save, a run's metrics records, the adapters' update norms and their heatmap (a training run's
-adapter, an evolve run's agents), and the page's HTML: tables, headline cards, embedded figures, notes, the
-metrics keys in words, the style sheet. It imports none of the report's other modules.
+atomic save, a run's metrics records and the first and newest cycle's pictures, the adapters' update
+norms and their heatmap (a training run's adapter, an evolve run's agents), and the page's HTML:
+tables, headline cards, embedded figures, notes, the metrics keys in words, the style sheet. It
+imports none of the report's other modules.
 
 Matplotlib is imported only inside the functions that draw, so this module imports without it.
 """
