@@ -617,7 +617,7 @@ def run_summary(run: Run, interrupted: bool, final: dict | None) -> dict:
 
 
 # -- the output folder and resume (see the module docstring) ------------------------------------------
-SAMPLES_FILE = "samples.jsonl"  # what the model writes at each checkpoint (h2q/report.py reads it)
+SAMPLES_FILE = "samples.jsonl"  # what the model writes at each checkpoint (h2q/report/training.py reads it)
 MAX_LOSS = 700.0  # nats: above it the perplexity exp(loss) overflows a float; the run has diverged
 # flags that may differ on --resume: where things are and how the run is watched, not what it computes
 RESUME_MAY_CHANGE = {"out", "data_root", "preset", "init_from", "device", "dtype", "compile", "resume",

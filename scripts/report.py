@@ -3,7 +3,7 @@
 RUN_DIR is a training run (e.g. checkpoints/base), an evolve run (e.g. checkpoints/evolve/RUN) or a
 folder of evolve runs in arms (scripts/bench_evolve.py --out OUT: OUT/ARM/seed-K); the kind is told
 from the files in it. Writes PNG figures and report.html into DIR (default RUN_DIR/report/). The
-work happens in h2q/report.py; it needs matplotlib (`pip install -e .[plot]`).
+work happens in h2q/report/; it needs matplotlib (`pip install -e .[plot]`).
 """
 from __future__ import annotations
 

@@ -17,7 +17,9 @@ LAYERS = {
     "io": (3, {"h2q.checkpoint", "h2q.data", "h2q.hf_format"}),
     "loops": (4, {"h2q.train", "h2q.generate", "h2q.session", "h2q.kvbench", "h2q.distill", "h2q.router",
                   "h2q.monitor"}),
-    "evolve": (5, {"h2q.report"}),  # and every h2q.evolve.* module; the report draws training and evolve runs
+    # and every h2q.evolve.* module; the report (the h2q.report package) draws training and evolve runs
+    "evolve": (5, {"h2q.report", "h2q.report.common", "h2q.report.training", "h2q.report.evolve", "h2q.report.grid",
+                   "h2q.report.social", "h2q.report.bench"}),
 }
 APPS = 6  # on top of everything: the REPL, the demo and one-shot inference (they load evolved agents)
 APP_MODULES = {"h2q.chat", "h2q.infer"}

@@ -299,7 +299,7 @@ def test_compile_covers_quantized_weights_too(ckpt):
 
 def import_graph() -> dict[str, set[str]]:
     """h2q module -> the h2q modules it imports anywhere in its text (inside functions too, and the
-    packages an import runs on the way)."""
+    packages an import runs on the way, less the module's own packages: they are imported before it runs)."""
     package = ROOT / "h2q"
     paths = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
              for p in package.rglob("*.py")}
@@ -311,7 +311,8 @@ def import_graph() -> dict[str, set[str]]:
                 targets.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module:
                 targets.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
-        targets |= {t.rsplit(".", k)[0] for t in set(targets) for k in range(1, t.count(".") + 1)}
+        own = {name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)}  # h2q.report for h2q.report.common
+        targets |= {t.rsplit(".", k)[0] for t in set(targets) for k in range(1, t.count(".") + 1)} - own
         graph[name] = {t for t in targets if t in paths and t != name}
     return graph
 

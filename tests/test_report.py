@@ -276,13 +276,14 @@ def make_light_run(out: Path, cycles: int, normalised=None, deaths: int = 0, wor
 
 def figure_texts(monkeypatch) -> dict[str, list[str]]:
     """Every text drawn in each figure the report saves (titles, labels, legends, annotations), by file name."""
-    from h2q import report
-    texts, save = {}, report._save
+    from h2q.report import bench, common, evolve, grid, social, training
+    texts, save = {}, common._save
 
     def spy(fig, path):
         texts[path.name] = [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))]
         return save(fig, path)
-    monkeypatch.setattr(report, "_save", spy)
+    for module in (common, training, evolve, grid, social, bench):  # each module that draws saves through its own name
+        monkeypatch.setattr(module, "_save", spy)
     return texts
 
 

@@ -1,6 +1,6 @@
 """The evolve run folder (notes/evolve_format.md): the per-cycle records and the resume state, written
 and read back. Rank 0 writes everything except each process's own learner state. Every reader of a
-run (resume, infer.py's agents, the chat demo, h2q/report.py) goes through this file.
+run (resume, infer.py's agents, the chat demo, h2q/report/) goes through this file.
 
 Crash safety: every file is written atomically (h2q.checkpoint), and a cycle's files go in the order
 adapters (cycle_NNN/) -> population.json -> metrics.jsonl -> evolution_stats.json -> per-process
