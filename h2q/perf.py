@@ -14,8 +14,11 @@ wait for each other, so when another busy process holds one of the cores, every 
 for the thread that lost its core and a 2-thread run can fall far below a 1-thread one (see the README's
 busy-machine table). Waiting passively instead (OMP_WAIT_POLICY) avoids the collapse but slows the idle
 case, so neither fixed setting is right on a shared machine: the policy times a small matmul at the
-full thread count and at one thread, interleaved, keeps the faster, and measures again every `every_s`
-seconds of the caller's loop, so a job that starts or ends beside it is noticed.
+full thread count and at one thread, interleaved, keeps the faster by the median of the rounds, and
+measures again every `every_s` seconds of the caller's loop, so a job that starts or ends beside it is
+noticed. The median, not the best: one probe lasts about one scheduler time slice, so now and then a
+2-thread probe lands in a slice where the busy neighbour is off its core and looks fast, while the
+run that follows meets the neighbour all the time.
 """
 from __future__ import annotations
 
@@ -84,22 +87,19 @@ def weight_matmul_seconds(model, rows: int, repeats: int = 10, warmup_s: float =
     return median_seconds(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], device, repeats, warmup_s)
 
 
-def probe_seconds(threads: int, repeats: int = 3) -> float:
-    """Seconds of a fixed decode-sized matmul workload at `threads` torch threads (the best of
-    `repeats`): small enough to run often (a few tens of milliseconds), big enough to use two cores."""
+def probe_seconds(threads: int) -> float:
+    """Seconds of a fixed decode-sized matmul workload at `threads` torch threads: small enough to run
+    often (milliseconds), big enough to use two cores."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     x, w = torch.randn(64, 256), torch.randn(768, 256)
-    best = float("inf")
     try:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(40):
-                F.linear(x, w)
-            best = min(best, time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(40):
+            F.linear(x, w)
+        return time.perf_counter() - start
     finally:
         torch.set_num_threads(before)
-    return best
 
 
 class ThreadPolicy:
@@ -111,10 +111,11 @@ class ThreadPolicy:
     MARGIN = 0.9  # one thread must be this much faster to be chosen: idle machines keep all cores
 
     def __init__(self, requested: int = 0, every_s: float = 30.0, probe=probe_seconds, clock=time.monotonic,
-                 env=os.environ):
+                 env=os.environ, rounds: int = 5):
         if requested == 0 and env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
             requested = int(env["OMP_NUM_THREADS"])
         self.requested, self.every_s, self.probe, self.clock = requested, every_s, probe, clock
+        self.rounds = rounds  # interleaved (all cores, one) probe pairs per measurement
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.most = max(cores, torch.get_num_threads()) if requested == 0 else requested
         self.threads, self.last_probe, self.probes = self.most, None, 0
@@ -128,8 +129,8 @@ class ThreadPolicy:
         now = self.clock()
         if self.last_probe is not None and now - self.last_probe < self.every_s:
             return self.threads
-        many, one = self.probe(self.most), self.probe(1)
-        many, one = min(many, self.probe(self.most)), min(one, self.probe(1))  # interleaved: drift hits both
+        pairs = [(self.probe(self.most), self.probe(1)) for _ in range(self.rounds)]  # interleaved: drift hits both
+        many, one = (statistics.median(times) for times in zip(*pairs))
         self.threads = 1 if one < self.MARGIN * many else self.most
         torch.set_num_threads(self.threads)
         self.last_probe, self.probes = self.clock(), self.probes + 1

@@ -31,7 +31,6 @@ mode and h2q/chat.py's REPL and demo share.
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import time
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from h2q.errors import ConfigError, FileFormatError, H2QError
 from h2q.generate import check_sampling, compiled_decoder, decode
 from h2q.kvcache import make_cache, policies, prefill
 from h2q.lora import count_bytes
-from h2q.perf import ThreadPolicy, probe_seconds, resolve_device
+from h2q.perf import ThreadPolicy, resolve_device
 from h2q.quant import describe, model_bytes, quant_scheme, quantize
 from h2q.router import Decision, Router
 from h2q.tokenizer import EOT, encode
@@ -154,10 +153,10 @@ def adapter_folder(spec: str, run: str | None = None) -> tuple[Path, str] | None
 
 
 # -- the model in use ----------------------------------------------------------------------------------
-# A reply waits on the thread probe: one timing per thread count (best of two interleaved, not of six),
-# and at most once a minute, since on a loaded machine the probe at all cores takes a second or more.
+# A reply waits on the thread probe: three interleaved rounds (not five), at most once a minute, since
+# on a loaded machine the probe at all cores takes a second or more.
 PROBE_EVERY_S = 60.0
-quick_probe = functools.partial(probe_seconds, repeats=1)
+PROBE_ROUNDS = 3
 
 
 class Session:
@@ -168,7 +167,7 @@ class Session:
     def __init__(self, cfg: InferConfig, resolve=adapter_folder, threads: ThreadPolicy | None = None):
         self.cfg, self.resolve = cfg, resolve  # resolve(spec, run) -> (adapter folder, label) or None
         self.device = resolve_device(cfg.device)
-        self.threads = threads or ThreadPolicy(cfg.threads, every_s=PROBE_EVERY_S, probe=quick_probe)
+        self.threads = threads or ThreadPolicy(cfg.threads, every_s=PROBE_EVERY_S, rounds=PROBE_ROUNDS)
         self.float_model, self.metadata = load_model(cfg.ckpt, self.device)
         self.model = self.float_model
         self.quantized = {}  # (mode, group size) -> a copy quantized from the float weights, made once
