@@ -276,6 +276,21 @@ def test_drafts_decode_with_the_writers_and_the_first_is_published(corpus, monke
     assert calls == [3] * TINY.eval_ticks, "evaluation publishes plain samples, one per writer"
 
 
+def test_a_published_post_is_judged_among_the_published_ones(corpus, monkeypatch):
+    """Drafts that copy each other cost their rewards, not the published post's quality for readers."""
+    env, pop = make_env(corpus, cfg=dataclasses.replace(TINY, drafts=2))
+    texts = corpus.snippets(0, True, 3, TINY.post_bytes, np.random.default_rng(1))
+    monkeypatch.setattr("h2q.evolve.social_env.generate_batch",
+                        lambda model, prompts, *a, **k: [list(texts[i // 2]) for i in range(len(prompts))])
+    ticks = []
+    real_tick = env._tick
+    monkeypatch.setattr(env, "_tick", lambda *a, **k: ticks.append(real_tick(*a, **k)) or ticks[-1])
+    env.live(pop.agents, 1, seed=3, tick=lambda: None)
+    first = ticks[0]  # nothing recent yet: its posts are judged among themselves, as without drafts
+    alone = env.signal.score(first.texts, first.bpb).per_topic[np.arange(len(first.authors)), env.topics[first.authors]]
+    assert alone.max() > 0 and np.array_equal(first.quality, alone)
+
+
 def test_group_advantages_are_relative_to_the_writers_own_drafts(corpus):
     env, _ = make_env(corpus)
     groups = np.array([0, 0, 0, 4, 4, 4])

@@ -39,11 +39,12 @@ Learning in life, on-policy, one update per tick for all agents in one backward:
   than the reward as in GRPO (Shao et al. 2024): it keeps the writing where the base can judge it,
   and undoes what the reader's updates of the same adapter would do to it (a reader that learns to
   ignore pushes its adapter toward the byte `.`).
-* drafts > 1: in life each writer samples `drafts` posts from its prompt in the same batched decode;
-  the first is published (what readers see stays a plain sample of the policy) and earns the likes
-  and followers; every draft earns `own_weight` x its own quality, and b is the mean of the writer's
-  drafts in this tick, the group baseline of GRPO (Shao et al. 2024): the drafts share a prompt, so
-  their differences are the writing's alone.
+* drafts > 1: in life each writer samples `drafts` posts from its prompt in the same batched decode.
+  The first is published (what readers see stays a plain sample of the policy, its quality judged
+  among the published posts only, as without drafts) and earns the likes and followers. Every draft
+  earns `own_weight` x its own quality, judged among all the tick's drafts, and b is the mean of the
+  writer's drafts in this tick, the group baseline of GRPO (Shao et al. 2024): the drafts share a
+  prompt, so their differences are the writing's alone.
 * A = (reward - b) / s: b a bias-corrected moving average of the agent's own rewards (a reader's apart
   for posts of its topic and of others; a newcomer's is the tick's population mean), s a running RMS of
   the advantages (one for readers, one for writers), so both terms weigh alike and `writer_weight`
@@ -383,10 +384,14 @@ class SocialEnv:
         with torch.no_grad():
             base_logits, targets, mask = Q.continuation_logits(self.model, draft_prompts, scored)  # (P G, L, V)
         draft_bpb = Q.byte_bits(Q.token_logprobs(F.log_softmax(base_logits, -1), targets, mask), draft_texts)
-        quality = self.signal.score(draft_texts, draft_bpb, [p for tick in net.recent for p in tick])
-        draft_own = quality.per_topic[np.arange(len(drafters)), self.topics[drafters]]  # (P G,)
+        recent = [p for tick in net.recent for p in tick]
+        quality = self.signal.score(draft_texts, draft_bpb, recent)
+        draft_own = quality.per_topic[np.arange(len(drafters)), self.topics[drafters]]  # (P G,) the writers' rewards
         published = np.arange(len(writers)) * drafts  # each writer's first draft: a plain sample of its policy
-        texts, bpb, own = [draft_texts[i] for i in published], draft_bpb[published], draft_own[published]
+        texts, bpb = [draft_texts[i] for i in published], draft_bpb[published]
+        if drafts > 1:  # readers judge the published posts among themselves, as if there were no drafts
+            quality = self.signal.score(texts, bpb, recent)
+        own = quality.per_topic[np.arange(len(writers)), self.topics[writers]]  # (P,)
 
         readers, posts = build_feeds(writers, net.follows, cfg.feed_size, cfg.feed_random, rng)
         authors = writers[posts]
@@ -409,7 +414,7 @@ class SocialEnv:
                       for w, text, quality_, l, f, prompt in zip(writers, texts, own, likes, new_follows, prompts)]
         net.recent = (net.recent + [texts])[-DUP_WINDOW:]
         net.posts += len(writers)
-        return Tick(writers, texts, bpb, quality.topic[published].argmax(1) == self.topics[writers], own, likes, new_follows,
+        return Tick(writers, texts, bpb, quality.topic.argmax(1) == self.topics[writers], own, likes, new_follows,
                     readers, posts, rewards, effective)
 
     def _row(self, reader_topic: int, post_topic: int, text: bytes) -> list[int]:
