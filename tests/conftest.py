@@ -43,3 +43,40 @@ def tiny_train_config(text_dir, out, **kw):
                 steps=20, batch_size=4, eval_every=10, eval_batches=2, save_every=10, warmup=5,
                 device="cpu", threads="1", progress=False)
     return TrainConfig(**{**base, **kw})
+
+
+def interrupted_and_resumed(config, resume_config, stop_at: int) -> tuple[list[float], dict]:
+    """Train `config` until a Ctrl-C right after step `stop_at`, then `resume_config` to its end; ->
+    the losses of every step in order, and the interrupted run's summary."""
+    from h2q.train import train
+
+    losses = []
+
+    def interrupt(step, loss):
+        losses.append(loss)
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    summary = train(config, on_step=interrupt)
+    train(resume_config, on_step=lambda step, loss: losses.append(loss))
+    return losses, summary
+
+
+def tiny_base_with_adapters(root, adapter_dirs, b_seed: int):
+    """A tiny base (seed 0) saved in root/base and, in each folder of `adapter_dirs`, an adapter of rank
+    2 whose B is N(0, 0.5) (seeded b_seed + its index), so that every adapter changes the output."""
+    from h2q.checkpoint import save_adapter, save_model
+    from h2q.config import PRESETS
+    from h2q.lora import LoraAdapter, LoraConfig
+    from h2q.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny"]).eval()
+    save_model(root / "base", model)
+    for i, folder in enumerate(adapter_dirs):
+        adapter = LoraAdapter(model, LoraConfig(r=2), generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            for b in adapter.lora_B:
+                b.normal_(0, 0.5, generator=torch.Generator().manual_seed(b_seed + i))
+        save_adapter(folder, adapter, model)
+    return model

@@ -8,16 +8,13 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_base_with_adapters
 
 from h2q import chat, generate, infer
-from h2q.checkpoint import save_adapter, save_model
 from h2q.cli import run_main
-from h2q.config import PRESETS
 from h2q.evolve.records import resolve_adapter
 from h2q.generate import generate as generate_text
 from h2q.infer import one_shot
-from h2q.lora import LoraAdapter, LoraConfig
-from h2q.model import Transformer
 from h2q.perf import ThreadPolicy
 from h2q.session import Conversation, InferConfig, Session
 
@@ -28,15 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def folder(tmp_path_factory):
     """A tiny base, an adapter folder, and a specialists folder with two adapters (alpha, beta)."""
     root = tmp_path_factory.mktemp("chat_session")
-    torch.manual_seed(0)
-    model = Transformer(PRESETS["tiny"]).eval()
-    save_model(root / "base", model)
-    for i, where in enumerate([root / "adapter", root / "specialists" / "alpha", root / "specialists" / "beta"]):
-        adapter = LoraAdapter(model, LoraConfig(r=2), generator=torch.Generator().manual_seed(i))
-        with torch.no_grad():
-            for b in adapter.lora_B:
-                b.normal_(0, 0.5, generator=torch.Generator().manual_seed(20 + i))
-        save_adapter(where, adapter, model)
+    tiny_base_with_adapters(root, [root / "adapter", root / "specialists" / "alpha", root / "specialists" / "beta"],
+                            b_seed=20)
     return root
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_train_config
+from conftest import interrupted_and_resumed, tiny_train_config
 
 from h2q import checkpoint, quant
 from h2q.cli import run_main
@@ -72,19 +72,14 @@ def test_train_with_a_teacher(text_dir, tmp_path, teacher_dir):
     """The teacher file is untouched, the run logs both terms, and resume is exact."""
     before = (teacher_dir / "model.safetensors").read_bytes()
     flags = dict(teacher=str(teacher_dir), distill_alpha=0.7, distill_temperature=2.0)
-    straight, resumed = [], []
+    straight = []
     summary = train(tiny_config(text_dir, tmp_path / "a", **flags), on_step=lambda s, loss: straight.append(loss))
     assert (teacher_dir / "model.safetensors").read_bytes() == before
     assert {"train_ce", "train_kl"} <= set(summary["final"])
     assert math.isfinite(summary["final"]["val_bpb"])
 
-    def interrupt_at_4(step, loss):
-        resumed.append(loss)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    train(tiny_config(text_dir, tmp_path / "b", **flags), on_step=interrupt_at_4)
-    train(tiny_config(text_dir, tmp_path / "b", resume=True, **flags), on_step=lambda s, loss: resumed.append(loss))
+    resumed, _ = interrupted_and_resumed(tiny_config(text_dir, tmp_path / "b", **flags),
+                                         tiny_config(text_dir, tmp_path / "b", resume=True, **flags), stop_at=4)
     assert resumed == straight
     with pytest.raises(H2QError, match="distill-alpha"):  # the mix shapes the run: not changed on resume
         train(tiny_config(text_dir, tmp_path / "b", resume=True, steps=12, **{**flags, "distill_alpha": 0.2}))

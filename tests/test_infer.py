@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_base_with_adapters
 
 from h2q import chat, generate, infer
-from h2q.checkpoint import save_adapter, save_model, save_tensors
+from h2q.checkpoint import save_model, save_tensors
 from h2q.cli import run_main
 from h2q.config import PRESETS
 from h2q.errors import H2QError
@@ -25,7 +26,6 @@ from h2q.evolve import records
 from h2q.evolve.records import resolve_adapter
 from h2q.generate import stream_to
 from h2q.infer import one_shot
-from h2q.lora import LoraAdapter, LoraConfig
 from h2q.model import Transformer
 from h2q.perf import ThreadPolicy
 from h2q.session import Conversation, InferConfig, Session
@@ -42,16 +42,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def ckpt(tmp_path_factory):
     """A tiny base model and, beside it, an adapter folder and an evolve run with two agents."""
     root = tmp_path_factory.mktemp("infer")
-    torch.manual_seed(0)
-    model = Transformer(PRESETS["tiny"]).eval()
-    save_model(root / "base", model)
-    for i, folder in enumerate([root / "adapter", root / "run" / "cycle_002" / "agent_00",
-                                root / "run" / "cycle_002" / "agent_01"]):
-        adapter = LoraAdapter(model, LoraConfig(r=2), generator=torch.Generator().manual_seed(i))
-        with torch.no_grad():
-            for b in adapter.lora_B:
-                b.normal_(0, 0.5, generator=torch.Generator().manual_seed(10 + i))
-        save_adapter(folder, adapter, model)
+    tiny_base_with_adapters(root, [root / "adapter", root / "run" / "cycle_002" / "agent_00",
+                                   root / "run" / "cycle_002" / "agent_01"], b_seed=10)
     (root / "run" / "cycle_001").mkdir()
     agents = [{"id": "a0003", "slot": 1, "rank": 2, "fitness": [-1.0, -2.5]},
               {"id": "a0007", "slot": 0, "rank": 2, "fitness": [-1.5]}]

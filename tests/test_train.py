@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_train_config
+from conftest import interrupted_and_resumed, tiny_train_config
 from safetensors.torch import load_file
 
 from h2q import checkpoint
@@ -25,16 +25,9 @@ def test_resume_is_exact(text_dir, tmp_path):
     """20 steps straight == 10 steps, Ctrl-C, --resume, 10 more: same losses and same weights."""
     straight = []
     train(tiny_config(text_dir, tmp_path / "a"), on_step=lambda s, loss: straight.append(loss))
-
-    def interrupt_at_10(step, loss):
-        resumed.append(loss)
-        if step == 10:
-            raise KeyboardInterrupt
-
-    resumed = []
-    summary = train(tiny_config(text_dir, tmp_path / "b"), on_step=interrupt_at_10)
+    resumed, summary = interrupted_and_resumed(tiny_config(text_dir, tmp_path / "b"),
+                                               tiny_config(text_dir, tmp_path / "b", resume=True), stop_at=10)
     assert summary["interrupted"] and summary["steps"] == 10
-    train(tiny_config(text_dir, tmp_path / "b", resume=True), on_step=lambda s, loss: resumed.append(loss))
     assert resumed == straight
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
@@ -97,7 +90,7 @@ def test_lora_finetune_trains_only_the_adapter(text_dir, tmp_path):
     base_dir = tmp_path / "base"
     train(tiny_config(text_dir, base_dir, steps=4))
     base_before = (base_dir / "model.safetensors").read_bytes()
-    straight, resumed = [], []
+    straight = []
     lora_cfg = dict(init_from=str(base_dir), lora_rank=4, lr=1e-2, steps=12, save_every=6, eval_every=6)
     summary = train(tiny_config(text_dir, tmp_path / "a", **lora_cfg), on_step=lambda s, loss: straight.append(loss))
     assert summary["final"]["val_loss"] < 6.0
@@ -105,13 +98,8 @@ def test_lora_finetune_trains_only_the_adapter(text_dir, tmp_path):
     adapter_keys = load_file(str(tmp_path / "a" / "adapter_model.safetensors")).keys()
     assert adapter_keys and all(k.endswith((".lora_A", ".lora_B")) for k in adapter_keys)
 
-    def interrupt_at_6(step, loss):
-        resumed.append(loss)
-        if step == 6:
-            raise KeyboardInterrupt
-
-    train(tiny_config(text_dir, tmp_path / "b", **lora_cfg), on_step=interrupt_at_6)
-    train(tiny_config(text_dir, tmp_path / "b", resume=True, **lora_cfg), on_step=lambda s, loss: resumed.append(loss))
+    resumed, _ = interrupted_and_resumed(tiny_config(text_dir, tmp_path / "b", **lora_cfg),
+                                         tiny_config(text_dir, tmp_path / "b", resume=True, **lora_cfg), stop_at=6)
     assert resumed == straight
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import interrupted_and_resumed
 from safetensors.torch import load_file
 from test_train import tiny_config
 
@@ -134,17 +135,11 @@ def test_budget_reserves_the_final_evaluation_and_save():
 def test_resume_is_exact_with_each_optimizer_and_bf16(text_dir, tmp_path, optimizer):
     """12 steps straight == 6, Ctrl-C, --resume, 6 more (bf16 autocast, the dtype kept by the state)."""
     kw = {"steps": 12, "eval_every": 6, "save_every": 6, "optimizer": optimizer, "dtype": "bfloat16"}
-    straight, resumed = [], []
+    straight = []
     train(tiny_config(text_dir, tmp_path / "a", **kw), on_step=lambda s, loss: straight.append(loss))
-
-    def interrupt_at_6(step, loss):
-        resumed.append(loss)
-        if step == 6:
-            raise KeyboardInterrupt
-
-    train(tiny_config(text_dir, tmp_path / "b", **kw), on_step=interrupt_at_6)
-    train(tiny_config(text_dir, tmp_path / "b", resume=True, **{**kw, "dtype": "auto"}),
-          on_step=lambda s, loss: resumed.append(loss))
+    resumed, _ = interrupted_and_resumed(tiny_config(text_dir, tmp_path / "b", **kw),
+                                         tiny_config(text_dir, tmp_path / "b", resume=True, **{**kw, "dtype": "auto"}),
+                                         stop_at=6)
     assert resumed == straight
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
